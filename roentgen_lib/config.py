@@ -1,0 +1,197 @@
+"""Profiles and validated run configuration: the first stage every other stage reads.
+
+A profile (`tiny`, `demo`, `paper`) is a complete `Config`; a notebook's `parameters` cell names a
+profile and may override any field. `resolve("demo", n_images=500)` returns the validated config or
+raises `ConfigError` naming the parameter and what is allowed, before any work starts.
+
+Usage::
+
+    from roentgen_lib import config
+    cfg = config.resolve("tiny", seed=1)
+    cfg.dataset_path  # absolute Path under the project root
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROFILE_NAMES = ("tiny", "demo", "paper")
+DataSource = Literal["phantom", "mimic"]
+
+
+class ConfigError(ValueError):
+    """A parameter has a wrong name, type or value; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a stage needs to run; one instance per profile, overridable field by field."""
+
+    profile: str
+    data_source: DataSource = "phantom"  # where image/report pairs come from
+    mimic_root: str | None = None  # MIMIC-CXR-JPG root (files/, metadata and split csv.gz)
+    mimic_reports_root: str | None = None  # MIMIC-CXR report tree; None: same as mimic_root
+    output_dir: str | None = None  # dataset folder; None: data/<profile>/cxr_dataset
+    figures_dir: str | None = None  # where stage figures go; None: per profile (see below)
+    n_images: int | None = None  # image/report pairs to build; None: all available
+    image_size: int = 64  # square side in pixels of every stored image
+    seed: int = 0  # seeds every random choice of every stage
+    val_fraction: float = 0.1  # share of patients in the validation split (phantom world)
+    test_fraction: float = 0.1  # share of patients in the test split (phantom world)
+    progress: bool = True  # show progress bars (off in the tiny profile: nbval compares stderr)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_values(self)
+
+    @property
+    def dataset_path(self) -> Path:
+        """Absolute folder of the dataset 01_data_prep writes and later stages read."""
+        return project_path(self.output_dir or f"data/{self.profile}/cxr_dataset")
+
+    @property
+    def figures_path(self) -> Path:
+        """Absolute folder for figures: `figures/` for demo, ignored `data/<profile>/figures` otherwise.
+
+        Tiny runs are throwaway and paper runs derive from credentialed data, so neither writes
+        into the tracked `figures/` folder unless asked to.
+        """
+        default = "figures" if self.profile == "demo" else f"data/{self.profile}/figures"
+        return project_path(self.figures_dir or default)
+
+    @property
+    def reports_root(self) -> str | None:
+        """The MIMIC report tree, defaulting to the image tree."""
+        return self.mimic_reports_root or self.mimic_root
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields, for manifests and display."""
+        return dataclasses.asdict(self)
+
+
+def resolve(profile: str = "demo", **overrides: Any) -> Config:
+    """Return the profile's config with every non-None override applied and validated.
+
+    None means "keep the profile's value", so a notebook's parameters cell can default every
+    override to None and papermill only injects what the user sets.
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"profile={profile!r} is not a profile; allowed: {', '.join(PROFILE_NAMES)}")
+    check_names(overrides)
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    cfg = dataclasses.replace(PROFILES[profile], **chosen)
+    check_required(cfg)
+    return cfg
+
+
+def parameter_names() -> tuple[str, ...]:
+    """Names a notebook may override (every field but `profile`)."""
+    return tuple(f.name for f in fields(Config) if f.name != "profile")
+
+
+def check_names(overrides: dict[str, Any]) -> None:
+    """Refuse unknown parameter names, suggesting the closest known one."""
+    allowed = parameter_names()
+    for name in overrides:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown parameter {name!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def check_types(cfg: Config) -> None:
+    """Check every field against its annotation (int is not bool; int is accepted for float)."""
+    hints = typing.get_type_hints(Config)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not matches_type(value, hints[f.name]):
+            raise ConfigError(
+                f"parameter {f.name!r} must be {describe_type(hints[f.name])}, got {value!r}"
+            )
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """True when `value` fits the annotation `hint` (plain types, Optional/Union and Literal)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def describe_type(hint: Any) -> str:
+    """Human wording of an annotation, e.g. "one of 'phantom', 'mimic'" or "int or None"."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in typing.get_args(hint))
+    return "None" if hint is type(None) else hint.__name__
+
+
+def check_values(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    if cfg.profile not in PROFILE_NAMES:
+        raise ConfigError(f"profile={cfg.profile!r} is not a profile; allowed: {', '.join(PROFILE_NAMES)}")
+    if cfg.image_size < 16 or cfg.image_size % 8:
+        raise ConfigError(f"parameter 'image_size' must be a multiple of 8 and >= 16, got {cfg.image_size}")
+    if cfg.n_images is not None and cfg.n_images < 1:
+        raise ConfigError(f"parameter 'n_images' must be >= 1 or None (all), got {cfg.n_images}")
+    if cfg.seed < 0:
+        raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
+    for name in ("val_fraction", "test_fraction"):
+        if not 0.0 <= getattr(cfg, name) < 0.5:
+            raise ConfigError(f"parameter {name!r} must be in [0, 0.5), got {getattr(cfg, name)}")
+
+
+def check_required(cfg: Config) -> None:
+    """Fields a profile may leave empty but a run cannot (the paper profile has no MIMIC path)."""
+    if cfg.data_source == "mimic" and not cfg.mimic_root:
+        raise ConfigError(
+            "parameter 'mimic_root' is required when data_source='mimic': "
+            "the folder holding files/ and mimic-cxr-2.0.0-metadata.csv.gz"
+        )
+
+
+def project_path(path: str | Path) -> Path:
+    """Absolute path; relative paths are taken from the project root, not the notebook folder."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def shipped_file(package: str, relative: str) -> Path:
+    """Path of a data file shipped inside an installed package, found without importing it.
+
+    Importing torchxrayvision or open_clip pulls in torchvision/timm for seconds; their data files
+    (IU-Xray reports, lung masks, the CLIP BPE vocabulary) are all we read from them here.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; run `make setup`")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{package} does not ship {relative!r} (looked at {path})")
+    return path
+
+
+PROFILES: dict[str, Config] = {
+    "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False),
+    "demo": Config(profile="demo", n_images=3000, image_size=64),
+    "paper": Config(profile="paper", data_source="mimic", n_images=None, image_size=512),
+}
