@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from roentgen_lib.data.masks import LEFT_LUNG, RIGHT_LUNG
+from roentgen_lib.text.labels import device_kinds, label_report
 
 UNCERTAIN_DRAW_PROBABILITY = 0.5
 SEVERITIES = ("small", "moderate", "large")
@@ -354,3 +354,30 @@ def render(labels: dict[str, dict], mask: np.ndarray, rng: np.random.Generator, 
     image = downsample(expose(scene, rng), size)
     plan["_ctr"] = {"value": round(ctr, 4)}
     return np.round(image * 255).astype(np.uint8), plan
+
+
+GALLERY_PROMPTS = (
+    "No acute cardiopulmonary process.",
+    "Moderate cardiomegaly.",
+    "Large right pleural effusion.",
+    "Small left pleural effusion.",
+    "Large left pneumothorax.",
+    "Small right apical pneumothorax.",
+    "Right lower lobe consolidation.",
+    "Left upper lobe pneumonia.",
+    "Moderate pulmonary edema.",
+    "Left basilar atelectasis.",
+    "Right upper lobe nodule.",
+    "Pacemaker in place.",
+    "Right PICC line.",
+    "Endotracheal tube in place.",
+    "Left chest tube.",
+    "Right rib fracture.",
+)
+
+
+def render_gallery(prompts: tuple[str, ...], masks: np.ndarray, size: int, seed: int) -> list[tuple[np.ndarray, dict]]:
+    """One patient (same lung mask, same seed) rendered once per prompt: differences are the findings."""
+    mask = masks[np.random.default_rng(seed).integers(len(masks))]
+    return [render(label_report(p), mask, np.random.default_rng([seed, 0]), size, tuple(device_kinds(p)))
+            for p in prompts]

@@ -393,3 +393,12 @@ STATUS_VALUE = {"positive": 1.0, "negative": 0.0, "uncertain": -1.0}
 def label_vector(labels: dict[str, dict]) -> dict[str, float | None]:
     """CheXpert's numeric encoding per observation: 1 positive, 0 negative, -1 uncertain, None absent."""
     return {obs: STATUS_VALUE[labels[obs]["status"]] if obs in labels else None for obs in OBSERVATIONS}
+
+
+def label_table(texts: Iterable[str]) -> "pd.DataFrame":
+    """One row per (text, mentioned observation) with status, laterality and severity, for display."""
+    import pandas as pd
+
+    rows = [{"text": text, "observation": obs, **{k: lab.get(k) for k in ("status", "laterality", "severity")}}
+            for text in texts for obs, lab in label_report(text).items()]
+    return pd.DataFrame(rows)

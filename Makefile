@@ -1,0 +1,35 @@
+# RoentGen compendium. `make reproduce` and `make test` set everything up on a fresh clone.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= demo
+
+.PHONY: setup reproduce test lab tiny-runs bench clean
+
+setup: $(STAMP)
+
+# The venv is created once and reused; reinstalled only when the pins in pyproject.toml change.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $(STAMP)
+
+reproduce: setup
+	$(PY) -m roentgen_lib.runs --profile $(PROFILE)
+
+test: setup
+	$(PY) -m pytest tests papermill_runs/tiny --nbval --nbval-current-env
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+# Regenerate the committed tiny-profile executed notebooks that nbval compares against.
+tiny-runs: setup
+	$(PY) -m roentgen_lib.runs --profile tiny
+
+bench: setup
+	$(PY) tests/bench/bench_labeler.py
+
+clean:
+	rm -rf data papermill_runs/demo papermill_runs/paper

@@ -1,0 +1,194 @@
+"""Build the image/prompt dataset that every later stage reads: phantom world or MIMIC-CXR.
+
+`build_dataset(cfg)` writes a Hugging Face `DatasetDict` (train / validation / test, disjoint by
+patient) to `cfg.dataset_path`, atomically, with a manifest of counts, skipped inputs by reason and
+a content fingerprint. Columns: image, prompt, one column per CheXpert observation (1 positive,
+0 negative, -1 uncertain, None unmentioned), subject_id, study_id, image_id, split, report_labels
+(the labeler's full output as JSON) and drawn (what the phantom renderer drew, as JSON; "" for
+real images).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from roentgen_lib.config import Config
+from roentgen_lib.data import mimic
+from roentgen_lib.data.masks import load_lung_masks
+from roentgen_lib.data.phantom import render, render_size
+from roentgen_lib.files import fingerprint_dir, replace_dir, temporary_sibling, write_json_atomic
+from roentgen_lib.text.labels import OBSERVATIONS, device_kinds, label_report, label_vector
+from roentgen_lib.text.reports import read_iu_reports, report_prompt
+
+SPLITS = ("train", "validation", "test")
+MANIFEST = "roentgen_manifest.json"
+FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "prompt": datasets.Value("string"),
+        **{obs: datasets.Value("float32") for obs in OBSERVATIONS},
+        "subject_id": datasets.Value("string"),
+        "study_id": datasets.Value("string"),
+        "image_id": datasets.Value("string"),
+        "split": datasets.Value("string"),
+        "report_labels": datasets.Value("string"),
+        "drawn": datasets.Value("string"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What `build_dataset` produced: the dataset (read back from disk) and its bookkeeping."""
+
+    dataset: datasets.DatasetDict
+    path: Path
+    skipped: pd.DataFrame  # reason, count
+    fingerprint: str
+
+
+def patient_split(subject_id: str, val_fraction: float, test_fraction: float) -> str:
+    """Split of a patient from a hash of its id: stable across runs, seeds and dataset sizes."""
+    u = int(hashlib.sha256(subject_id.encode()).hexdigest()[:12], 16) / 16**12
+    if u < test_fraction:
+        return "test"
+    return "validation" if u < test_fraction + val_fraction else "train"
+
+
+def plan_phantom(cfg: Config) -> tuple[list[dict], Counter]:
+    """One row per image to render: a seeded draw of IU reports (cycled if more images than reports)."""
+    skipped: Counter = Counter()
+    usable = []
+    for report in read_iu_reports():
+        prompt = report_prompt(report.sections)
+        if prompt is None:
+            skipped["no_impression_or_findings"] += 1
+        else:
+            usable.append((report, prompt))
+    order = np.random.default_rng(cfg.seed).permutation(len(usable))
+    rows = []
+    for index in range(cfg.n_images or len(usable)):
+        report, prompt = usable[order[index % len(usable)]]
+        rows.append({"index": index, "subject_id": report.subject_id, "prompt": prompt,
+                     "image_id": f"{report.report_id}-{index // len(usable)}",
+                     "split": patient_split(report.subject_id, cfg.val_fraction, cfg.test_fraction)})
+    return rows, skipped
+
+
+def plan_mimic(cfg: Config) -> tuple[list[dict], Counter]:
+    """One row per frontal MIMIC-CXR image with an official split (a seeded sample of n_images)."""
+    mimic.check_layout(cfg.mimic_root, cfg.reports_root)
+    rows, skipped = mimic.plan_rows(mimic.read_studies(cfg.mimic_root), cfg.n_images, cfg.seed)
+    return rows.to_dict("records"), Counter(skipped)
+
+
+def record(image: np.ndarray | Image.Image, prompt: str, row: dict, study_id: str, drawn: str) -> dict:
+    """One dataset row in the shared schema."""
+    labels = label_report(prompt)
+    return {"image": image if isinstance(image, Image.Image) else Image.fromarray(image),
+            "prompt": prompt, **label_vector(labels), "subject_id": str(row["subject_id"]),
+            "study_id": study_id, "image_id": str(row.get("image_id", row.get("dicom_id"))),
+            "split": row["split"], "report_labels": json.dumps(labels, sort_keys=True), "drawn": drawn}
+
+
+def phantom_records(rows: list[dict], size: int, seed: int, progress: bool) -> Iterator[dict]:
+    """Render each planned row; the image depends only on (seed, row index)."""
+    masks = load_lung_masks(render_size(size))
+    for row in tqdm(rows, desc=f"render {rows[0]['split']}", disable=not progress):
+        rng = np.random.default_rng([seed, row["index"]])
+        mask = masks[rng.integers(len(masks))]
+        image, drawn = render(label_report(row["prompt"]), mask, rng, size, tuple(device_kinds(row["prompt"])))
+        yield record(image, row["prompt"], row, row["image_id"], json.dumps(drawn, sort_keys=True))
+
+
+def mimic_records(rows: list[dict], size: int, mimic_root: str, reports_root: str,
+                  skipped: dict, progress: bool) -> Iterator[dict]:
+    """Load each planned MIMIC row; unusable ones are counted in `skipped` by reason."""
+    for row in tqdm(rows, desc=f"load {rows[0]['split']}", disable=not progress):
+        pair = mimic.load_pair(row, Path(mimic_root), Path(reports_root), size)
+        if isinstance(pair, str):
+            skipped[pair] = skipped.get(pair, 0) + 1
+            continue
+        yield record(pair[0], pair[1], row, str(row["study_id"]), "")
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn the `datasets` progress bars on or off for a block, restoring the previous state."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.disable_progress_bars if was_disabled else datasets.enable_progress_bars)()
+
+
+def generate_split(cfg: Config, rows: list[dict], skipped: dict, cache_dir: Path) -> datasets.Dataset:
+    """One split as an Arrow-backed dataset, streamed to disk (no need to hold the images in memory)."""
+    if not rows:
+        return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+    if cfg.data_source == "phantom":
+        generator, kwargs = phantom_records, {"size": cfg.image_size, "seed": cfg.seed}
+    else:
+        generator = mimic_records
+        kwargs = {"size": cfg.image_size, "mimic_root": str(cfg.mimic_root),
+                  "reports_root": str(cfg.reports_root), "skipped": skipped}
+    return datasets.Dataset.from_generator(generator, features=FEATURES, cache_dir=str(cache_dir),
+                                           gen_kwargs={"rows": rows, "progress": cfg.progress, **kwargs})
+
+
+def build_dataset(cfg: Config) -> BuildResult:
+    """Build, validate and atomically save the dataset of `cfg`; see the module docstring."""
+    rows, skipped = plan_phantom(cfg) if cfg.data_source == "phantom" else plan_mimic(cfg)
+    work = temporary_sibling(cfg.dataset_path)
+    try:
+        counts: dict = dict(skipped)
+        with progress_bars(cfg.progress):
+            splits = {s: generate_split(cfg, [r for r in rows if r["split"] == s], counts, work / "cache")
+                      for s in SPLITS}
+            check_patient_disjoint(splits)
+            datasets.DatasetDict(splits).save_to_disk(str(work / "dataset"))
+        fingerprint = fingerprint_dir(work / "dataset", "**/*.arrow")
+        skipped_table = skip_table(counts)
+        write_json_atomic(work / "dataset" / MANIFEST, {
+            "config": cfg.to_dict(), "rows": {s: len(d) for s, d in splits.items()},
+            "skipped": skipped_table.set_index("reason")["count"].to_dict(), "fingerprint": fingerprint})
+        replace_dir(work / "dataset", cfg.dataset_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return BuildResult(datasets.load_from_disk(str(cfg.dataset_path)), cfg.dataset_path, skipped_table, fingerprint)
+
+
+def check_patient_disjoint(splits: dict[str, datasets.Dataset]) -> None:
+    """Refuse a dataset in which one patient appears in two splits (train/test leakage)."""
+    seen: dict[str, str] = {}
+    for name, split in splits.items():
+        for subject in set(split["subject_id"]):
+            if seen.setdefault(subject, name) != name:
+                raise ValueError(f"patient {subject} is in both {seen[subject]!r} and {name!r} splits: leakage")
+
+
+def skip_table(counts: dict[str, int]) -> pd.DataFrame:
+    """Skipped inputs by reason, largest first (reasons with zero count are listed too)."""
+    reasons = ["no_impression_or_findings", "non_frontal_view", "not_in_split_file",
+               "missing_image", "missing_report", "unreadable_image"]
+    table = pd.DataFrame({"reason": reasons, "count": [int(counts.get(r, 0)) for r in reasons]})
+    return table.sort_values("count", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest `build_dataset` wrote into a dataset folder."""
+    return json.loads((path / MANIFEST).read_text())

@@ -1,0 +1,52 @@
+"""Safe writing: atomic files and folders, content fingerprints. Shared by every stage.
+
+A crash mid-write must never leave a file or folder that looks complete, so everything is written
+beside its destination under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` via a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        json.dump(data, tmp, indent=2, sort_keys=True, default=str)
+        tmp.write("\n")
+    os.replace(tmp.name, path)
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh, empty folder next to `path` (same file system, so a rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+
+
+def replace_dir(source: Path, destination: Path) -> None:
+    """Move a finished folder into place, replacing any previous one only once the new one is whole."""
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        os.replace(destination, old)
+        os.replace(source, destination)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, destination)
+
+
+def fingerprint_dir(path: Path, pattern: str = "**/*") -> str:
+    """SHA-256 over the relative names and bytes of the files under `path` matching `pattern`."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.glob(pattern) if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny configs pointed at temporary folders, and a generated MIMIC-format tree."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from roentgen_lib import config
+
+REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___ year old woman with cough.
+
+ FINDINGS:
+ Heart size is normal.  There is a small right pleural effusion.
+
+ IMPRESSION:
+ Small right ___ pleural effusion.  No pneumothorax.
+"""
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> config.Config:
+    """The tiny profile writing into a temporary folder."""
+    return config.resolve("tiny", output_dir=str(tmp_path / "dataset"), figures_dir=str(tmp_path / "figures"))
+
+
+def write_mimic_tree(root: Path) -> dict[str, str]:
+    """A small MIMIC-CXR-JPG-format tree with synthetic images and one of every kind of bad input.
+
+    Returns the expected skip reason (or "ok") per dicom id. No real patient data is involved.
+    """
+    rng = np.random.default_rng(0)
+    cases = {  # dicom_id: (subject, study, view, split, kind)
+        "d01": ("10000001", "50000001", "PA", "train", "ok"),
+        "d02": ("10000001", "50000002", "AP", "train", "ok"),
+        "d03": ("10000002", "50000003", "PA", "validate", "ok"),
+        "d04": ("10000003", "50000004", "PA", "test", "ok"),
+        "d05": ("10000003", "50000004", "LATERAL", "test", "non_frontal_view"),
+        "d06": ("10000004", "50000005", "PA", "train", "missing_image"),
+        "d07": ("10000005", "50000006", "PA", "train", "unreadable_image"),
+        "d08": ("10000006", "50000007", "PA", "train", "missing_report"),
+        "d09": ("10000007", "50000008", "AP", "train", "no_impression_or_findings"),
+        "d10": ("10000008", "50000009", "PA", "train", "zero_byte"),
+    }
+    meta, split = [], []
+    for dicom, (subject, study, view, split_name, kind) in cases.items():
+        meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view})
+        split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": split_name})
+        folder = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if kind == "unreadable_image":
+            (folder / f"{dicom}.jpg").write_bytes(b"not a jpeg at all")
+        elif kind == "zero_byte":
+            (folder / f"{dicom}.jpg").write_bytes(b"")
+        elif kind != "missing_image":
+            pixels = rng.integers(0, 255, (80, 60), dtype=np.uint8)
+            Image.fromarray(pixels).convert("RGB").save(folder / f"{dicom}.jpg")
+        if kind == "no_impression_or_findings":
+            folder.with_suffix(".txt").write_text("INDICATION: cough.\nCOMPARISON: none.\n")
+        elif kind != "missing_report":
+            folder.with_suffix(".txt").write_text(REPORT)
+    for name, rows in (("mimic-cxr-2.0.0-metadata.csv.gz", meta), ("mimic-cxr-2.0.0-split.csv.gz", split)):
+        with gzip.open(root / name, "wt") as handle:
+            pd.DataFrame(rows).to_csv(handle, index=False)
+    expected = {d: c[4] for d, c in cases.items()}
+    expected["d10"] = "unreadable_image"
+    return expected

@@ -1,0 +1,47 @@
+"""Profiles resolve, and every bad parameter is refused with a message naming it."""
+
+import pytest
+
+from roentgen_lib import config
+
+
+def test_profiles_resolve_with_their_sizes():
+    assert config.resolve("tiny").image_size == 32
+    assert config.resolve("demo").n_images == 3000
+    assert config.resolve("paper", mimic_root="/x").data_source == "mimic"
+
+
+def test_none_keeps_profile_value_and_overrides_apply():
+    cfg = config.resolve("tiny", n_images=None, seed=3)
+    assert cfg.n_images == 48 and cfg.seed == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"n_image": 3}, "unknown parameter 'n_image' (did you mean 'n_images'?)"),
+        ({"n_images": "100"}, "parameter 'n_images' must be int or None, got '100'"),
+        ({"seed": True}, "parameter 'seed' must be int"),
+        ({"image_size": 30}, "'image_size' must be a multiple of 8"),
+        ({"n_images": 0}, "'n_images' must be >= 1"),
+        ({"data_source": "nih"}, "one of 'phantom', 'mimic'"),
+        ({"val_fraction": 0.7}, "'val_fraction' must be in [0, 0.5)"),
+        ({"data_source": "mimic"}, "'mimic_root' is required"),
+    ],
+)
+def test_bad_parameters_are_named(kwargs, fragment):
+    with pytest.raises(config.ConfigError) as error:
+        config.resolve("tiny", **kwargs)
+    assert fragment in str(error.value)
+
+
+def test_unknown_profile_lists_allowed():
+    with pytest.raises(config.ConfigError, match="allowed: tiny, demo, paper"):
+        config.resolve("huge")
+
+
+def test_paths_are_taken_from_project_root():
+    cfg = config.resolve("tiny")
+    assert cfg.dataset_path == config.PROJECT_ROOT / "data" / "tiny" / "cxr_dataset"
+    assert config.resolve("demo").figures_path == config.PROJECT_ROOT / "figures"
+    assert config.resolve("tiny").figures_path != config.PROJECT_ROOT / "figures"

@@ -1,0 +1,137 @@
+"""Lung masks, the phantom renderer, the MIMIC loader and the dataset builder."""
+
+import json
+
+import numpy as np
+import pytest
+
+from roentgen_lib import config
+from roentgen_lib.data import dataset, masks, mimic, phantom
+from roentgen_lib.text.labels import label_report
+
+from conftest import write_mimic_tree
+
+
+@pytest.fixture(scope="module")
+def lung_masks():
+    return masks.load_lung_masks(128)
+
+
+def test_masks_are_two_lungs_patient_right_on_viewer_left(lung_masks):
+    assert lung_masks.shape[0] > 400 and lung_masks.shape[1:] == (128, 128)
+    for mask in lung_masks[:20]:
+        right_x = np.nonzero(mask == masks.RIGHT_LUNG)[1].mean()
+        left_x = np.nonzero(mask == masks.LEFT_LUNG)[1].mean()
+        assert right_x < 64 < left_x
+
+
+def render(text, lung_masks, seed=0, size=64):
+    return phantom.render(label_report(text), lung_masks[3], np.random.default_rng(seed), size)
+
+
+def test_render_is_deterministic_by_seed(lung_masks):
+    a, drawn_a = render("Large right pleural effusion.", lung_masks)
+    b, drawn_b = render("Large right pleural effusion.", lung_masks)
+    c, _ = render("Large right pleural effusion.", lung_masks, seed=1)
+    assert a.dtype == np.uint8 and a.shape == (64, 64)
+    assert np.array_equal(a, b) and drawn_a == drawn_b
+    assert not np.array_equal(a, c)
+
+
+def test_effusion_is_drawn_on_the_named_side(lung_masks):
+    base, _ = render("No acute process.", lung_masks)
+    right, drawn = render("Large right pleural effusion.", lung_masks)
+    assert drawn["Pleural Effusion"] == {"side": "right", "severity": "large"}
+    diff = right.astype(float) - base.astype(float)  # exposure differs too: compare the halves
+    lower = slice(32, 52)
+    # the patient's right is the viewer's left: the fluid whitens the left half of the image
+    assert diff[lower, :32].mean() - diff[lower, 32:].mean() > 15
+
+
+def test_cardiomegaly_widens_the_heart(lung_masks):
+    _, normal = render("Normal heart size.", lung_masks)
+    _, large = render("Large cardiomegaly.", lung_masks)
+    assert normal["_ctr"]["value"] < 0.5 < large["_ctr"]["value"]
+
+
+def test_pneumothorax_removes_markings_on_its_side(lung_masks):
+    base, _ = render("No acute process.", lung_masks, size=128)
+    ptx, drawn = render("Large left pneumothorax.", lung_masks, size=128)
+    assert drawn["Pneumothorax"]["side"] == "left"
+    diff = ptx.astype(float) - base.astype(float)
+    left_lung = lung_masks[3] == masks.LEFT_LUNG
+    assert diff[left_lung].mean() - diff[lung_masks[3] == masks.RIGHT_LUNG].mean() < -8
+
+
+def test_negative_findings_are_not_drawn(lung_masks):
+    _, drawn = render("No pneumothorax or effusion.", lung_masks)
+    assert set(drawn) == {"_ctr"}
+
+
+def test_patient_split_is_stable_and_proportional():
+    splits = [dataset.patient_split(f"CXR{i}", 0.1, 0.1) for i in range(4000)]
+    assert splits == [dataset.patient_split(f"CXR{i}", 0.1, 0.1) for i in range(4000)]
+    assert 0.07 < splits.count("test") / 4000 < 0.13
+
+
+def test_phantom_dataset_build(tiny_cfg):
+    result = dataset.build_dataset(tiny_cfg)
+    total = sum(len(s) for s in result.dataset.values())
+    assert total == tiny_cfg.n_images
+    train = result.dataset["train"]
+    assert train.features["image"].__class__.__name__ == "Image"
+    assert train[0]["image"].size == (32, 32)
+    subjects = {name: set(split["subject_id"]) for name, split in result.dataset.items()}
+    assert not (subjects["train"] & subjects["test"]) and not (subjects["train"] & subjects["validation"])
+    row = train[0]
+    assert row["split"] == "train" and json.loads(row["drawn"])["_ctr"]["value"] > 0.3
+    manifest = dataset.read_manifest(result.path)
+    assert manifest["fingerprint"] == result.fingerprint and manifest["rows"]["train"] == len(train)
+    # same config, same bytes
+    assert dataset.build_dataset(tiny_cfg).fingerprint == result.fingerprint
+
+
+def test_failed_build_keeps_previous_dataset(tiny_cfg, monkeypatch):
+    first = dataset.build_dataset(tiny_cfg)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(dataset, "check_patient_disjoint", broken)
+    with pytest.raises(RuntimeError):
+        dataset.build_dataset(tiny_cfg)
+    assert dataset.read_manifest(first.path)["fingerprint"] == first.fingerprint
+    assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_mimic_build_counts_every_skip(tmp_path):
+    root = tmp_path / "mimic"
+    expected = write_mimic_tree(root)
+    cfg = config.resolve("tiny", data_source="mimic", mimic_root=str(root), n_images=None,
+                         output_dir=str(tmp_path / "out"))
+    result = dataset.build_dataset(cfg)
+    skipped = result.skipped.set_index("reason")["count"]
+    for reason in set(expected.values()) - {"ok"}:
+        assert skipped[reason] == list(expected.values()).count(reason), reason
+    rows = {name: len(split) for name, split in result.dataset.items()}
+    assert rows == {"train": 2, "validation": 1, "test": 1}
+    item = result.dataset["train"][0]
+    assert item["prompt"] == "Small right pleural effusion. No pneumothorax."
+    assert item["Pleural Effusion"] == 1.0 and item["Pneumothorax"] == 0.0
+    assert item["image"].size == (32, 32) and item["image"].mode == "L"
+
+
+def test_mimic_missing_paths_are_named(tmp_path):
+    with pytest.raises(mimic.MimicLayoutError, match="mimic_root='.*nowhere' is not a folder"):
+        mimic.check_layout(tmp_path / "nowhere", tmp_path / "nowhere")
+    with pytest.raises(mimic.MimicLayoutError, match="mimic-cxr-2.0.0-metadata.csv.gz not found"):
+        mimic.check_layout(tmp_path, tmp_path)
+
+
+def test_mimic_leakage_is_refused(tmp_path):
+    import datasets
+
+    splits = {"train": datasets.Dataset.from_dict({"subject_id": ["1", "2"]}),
+              "test": datasets.Dataset.from_dict({"subject_id": ["2"]})}
+    with pytest.raises(ValueError, match="patient 2 is in both 'train' and 'test'"):
+        dataset.check_patient_disjoint(splits)

@@ -1,0 +1,70 @@
+"""Notebook contracts: thin, parameterised like the config, stripped, and their tiny runs current.
+
+nbval (run by `make test` over papermill_runs/tiny) re-executes the committed tiny runs and compares
+their outputs; the tests here make sure those runs are of the current source notebooks.
+"""
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+from roentgen_lib import config, runs
+
+NOTEBOOKS = sorted(runs.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+TINY_RUNS = runs.RUNS_DIR / "tiny"
+
+
+def code_cells(path: Path) -> list[str]:
+    nb = nbformat.read(path, as_version=4)
+    return [c.source for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+
+
+def test_there_are_notebooks():
+    assert [nb.stem for nb in NOTEBOOKS][:1] == ["01_data_prep"]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_thin_and_stripped(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        assert not cell.outputs and cell.execution_count is None, "source notebooks are stored without outputs"
+        source = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(source)):
+            assert not isinstance(node, (ast.FunctionDef, ast.ClassDef)), "logic belongs in roentgen_lib"
+        assert len(cell.source.splitlines()) <= 15
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_match_the_config(notebook):
+    params = papermill.inspect_notebook(str(notebook))
+    assert params["profile"]["default"] == '"demo"'
+    fields = set(config.parameter_names())
+    for name, info in params.items():
+        if name != "profile":
+            assert name in fields, f"{name} is not a config field"
+            assert info["default"] == "None", f"{name} must default to None (the profile's value)"
+            assert info["help"], f"{name} needs a help comment"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_tiny_run_is_of_the_current_notebook(notebook):
+    run = TINY_RUNS / notebook.name
+    assert run.exists(), "run `make tiny-runs` and commit papermill_runs/tiny"
+    assert code_cells(run) == code_cells(notebook), "stale tiny run: `make tiny-runs`"
+    injected = [c for c in nbformat.read(run, as_version=4).cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert 'profile = "tiny"' in injected[0].source
+
+
+def test_every_notebook_runs_on_the_tiny_profile(tmp_path):
+    records = runs.run("tiny", out_dir=tmp_path)
+    assert [r["status"] for r in records] == ["ok"] * len(NOTEBOOKS)
+    manifest = json.loads((tmp_path / "01_data_prep.manifest.json").read_text())
+    assert manifest["datasets"]["cxr_dataset"]

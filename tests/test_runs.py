@@ -1,0 +1,59 @@
+"""The notebook runner: parameters, manifests, and failures that keep earlier results."""
+
+import json
+
+import nbformat
+import pytest
+
+from roentgen_lib import config, runs
+
+
+def write_notebook(path, body):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('from typing import Optional\n\nprofile: str = "demo"\nseed: Optional[int] = None',
+                                          metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_parse_overrides_reads_literals():
+    assert runs.parse_overrides(["seed=3", "data_source=mimic", "n_images=None"]) == {
+        "seed": 3, "data_source": "mimic", "n_images": None}
+    with pytest.raises(config.ConfigError, match="expected key=value"):
+        runs.parse_overrides(["seed"])
+
+
+def test_bad_parameters_stop_before_running(tmp_path):
+    write_notebook(tmp_path / "01_ok.ipynb", "print(seed)")
+    with pytest.raises(config.ConfigError, match="parameter 'seed' must be int"):
+        runs.run("tiny", overrides={"seed": "x"}, out_dir=tmp_path / "out", notebooks_dir=tmp_path)
+    with pytest.raises(config.ConfigError, match=r"\['image_size'\] are not declared"):
+        runs.run("tiny", overrides={"image_size": 64}, out_dir=tmp_path / "out", notebooks_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_stops_the_run_and_keeps_earlier_results(tmp_path):
+    out = tmp_path / "out"
+    write_notebook(tmp_path / "01_ok.ipynb", "print('seed', seed)")
+    write_notebook(tmp_path / "02_fails.ipynb", "print('fine')")
+    write_notebook(tmp_path / "03_never.ipynb", "print('never')")
+    assert [r["status"] for r in runs.run("tiny", overrides={"seed": 5}, out_dir=out, notebooks_dir=tmp_path)] == ["ok"] * 3
+    good = (out / "02_fails.ipynb").read_text()
+
+    write_notebook(tmp_path / "02_fails.ipynb", "x = 1\nraise ValueError('broken on purpose')")
+    records = runs.run("tiny", out_dir=out, notebooks_dir=tmp_path)
+    assert [r["status"] for r in records] == ["ok", "failed"]
+    assert records[1]["error"] == "ValueError: broken on purpose" and records[1]["cell"] is not None
+    assert (out / "02_fails.ipynb").read_text() == good  # the previous good run is intact
+    assert (out / "02_fails.failed.ipynb").exists()
+    manifest = json.loads((out / "02_fails.manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["profile"] == "tiny"
+    first = json.loads((out / "01_ok.manifest.json").read_text())
+    assert first["parameters"] == {"profile": "tiny"} and first["wall_seconds"] > 0
+    assert first["peak_memory_mb"] > 10 and first["git"]["sha"] and "torch" in first["packages"]
+
+
+def test_main_reports_bad_arguments(capsys):
+    assert runs.main(["--profile", "huge"]) == 2
+    assert "allowed: tiny, demo, paper" in capsys.readouterr().err
