@@ -21,6 +21,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         json.dump(data, tmp, indent=2, sort_keys=True, default=str)
         tmp.write("\n")
+    os.chmod(tmp.name, 0o644)  # mkstemp makes files private; manifests are meant to be read
     os.replace(tmp.name, path)
 
 

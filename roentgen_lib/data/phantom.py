@@ -32,7 +32,7 @@ OPACITY_STRENGTH = {"small": 0.5, "moderate": 0.7, "large": 0.85}  # share of ae
 EDEMA_STRENGTH = {"small": 0.08, "moderate": 0.14, "large": 0.22}
 ZONES = ("upper", "middle", "lower")
 LATERAL_FINDINGS = ("Pleural Effusion", "Pneumothorax", "Consolidation", "Pneumonia", "Lung Opacity",
-                    "Atelectasis", "Lung Lesion", "Fracture", "Pleural Other")
+                    "Atelectasis", "Lung Lesion", "Fracture", "Pleural Other", "Support Devices")
 DEVICE_KINDS = ("pacemaker", "tube", "chest_tube", "line")
 
 
@@ -254,19 +254,25 @@ def draw_curve(scene: Scene, points: list[tuple[float, float]], width: float) ->
 
 
 def add_devices(scene: Scene, attrs: dict, rng: np.random.Generator) -> None:
-    """Support devices: pacemaker with leads, endotracheal/enteric tube, chest tube, central line."""
+    """Support devices: pacemaker with leads, endotracheal tube, chest tube and central line.
+
+    Chest tubes and lines go on the named side (the patient's right is the image's left);
+    pacemakers sit, as usual, below the patient's left clavicle.
+    """
+    mirror = (lambda x: x) if attrs["side"] != "left" else (lambda x: 1 - x)
     for kind in attrs["kinds"]:
         if kind == "pacemaker":
             generator = blob(scene, 0.74, 0.17, 0.045, 0.03) > 0.37
             scene.tissue += 0.5 * ndimage.gaussian_filter(generator.astype(float), 0.7)
             scene.tissue += 0.35 * draw_curve(scene, [(0.72, 0.18), (0.55, 0.22), (0.47, 0.45), (0.52, 0.62)], 0.004)
         elif kind == "tube":
-            scene.tissue += 0.3 * draw_curve(scene, [(0.5, 0.0), (0.5, 0.15), (0.5, 0.3)], 0.005)
+            scene.tissue += 0.45 * draw_curve(scene, [(0.49, 0.0), (0.5, 0.15), (0.5, 0.3)], 0.008)
         elif kind == "chest_tube":
-            side_x = 0.2 if rng.random() < 0.5 else 0.8
-            scene.tissue += 0.3 * draw_curve(scene, [(side_x, 0.75), (side_x, 0.35), (0.5 + (side_x - 0.5) * 0.6, 0.2)], 0.006)
+            points = [(0.2, 0.75), (0.2, 0.35), (0.32, 0.2)]
+            scene.tissue += 0.3 * draw_curve(scene, [(mirror(x), y) for x, y in points], 0.006)
         else:
-            scene.tissue += 0.3 * draw_curve(scene, [(0.2, 0.1), (0.38, 0.14), (0.46, 0.2), (0.47, 0.33)], 0.004)
+            points = [(0.2, 0.1), (0.38, 0.14), (0.46, 0.2), (0.47, 0.33)]
+            scene.tissue += 0.3 * draw_curve(scene, [(mirror(x), y) for x, y in points], 0.004)
 
 
 DRAWERS = {
@@ -303,8 +309,9 @@ def plan_findings(labels: dict[str, dict], rng: np.random.Generator,
             continue
         if label["status"] == "uncertain" and rng.random() >= UNCERTAIN_DRAW_PROBABILITY:
             continue
-        severity = label.get("severity") or str(rng.choice(SEVERITIES, p=SEVERITY_WEIGHTS))
-        attrs: dict = {"severity": severity}
+        attrs: dict = {}
+        if finding not in ("Support Devices", "Fracture"):
+            attrs["severity"] = label.get("severity") or str(rng.choice(SEVERITIES, p=SEVERITY_WEIGHTS))
         if finding in LATERAL_FINDINGS:
             attrs["side"] = label.get("laterality") or random_side(finding, rng)
         if finding in ("Consolidation", "Pneumonia", "Lung Opacity"):

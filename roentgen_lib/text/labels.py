@@ -132,6 +132,11 @@ MENTIONS: dict[str, list[str]] = {
         r"stents?",
         r"sternotomy\s+wires?",
         r"(?:pacing|cardiac)\s+(?:leads?|wires?)",
+        r"(?:external\s+)?(?:cardiac\s+)?monitor(?:ing)?\s+(?:leads?|devices?)",
+        r"(?:cardiac\s+)?generator",
+        r"(?:spinal\s+)?stimulator",
+        r"(?:valve\s+(?:replacement|prosthesis)|prosthetic\s+(?:\w+\s+)?valve)",
+        r"tip\s+(?:is\s+)?(?:projecting|projects|in|at|overlying|overlies|near|terminat\w*)",
     ],
 }
 
@@ -164,6 +169,7 @@ NEGATION_CUES = [
     r"ruled\s+out",
     r"neither",
     r"nor",
+    r"(?:previous|prior|history\s+of|sequelae?\s+of)",  # past disease is not a current finding
 ]
 UNCERTAIN_CUES = [
     r"(?:cannot|can\s+not|can't|could\s+not)\s+(?:be\s+)?(?:exclude[sd]?|ruled?\s+out)",
@@ -194,6 +200,7 @@ UNCERTAIN_CUES = [
 ]
 # Phrases that end a negation's reach ("no pneumothorax, but a small effusion").
 SCOPE_CLOSERS = [
+    r"compar(?:ed|ison)\s+(?:to|with)\s+(?:the\s+)?(?:prior|previous)(?:\s+(?:study|exam|examination|film|radiograph))?",
     r"no\s+(?:acute|active)\s+(?:(?:cardiopulmonary|intrathoracic|thoracic|chest|cardiac|osseous|bony)\s+)?"
     r"(?:process|processes|abnormality|abnormalities|disease|findings?|pathology)(?!\s*(?:/|,|or\b|and\b))",
     r"no\s+(?:significant\s+|interval\s+|other\s+)?(?:change|increase|decrease|worsening|improvement)(?:\s+in|\s+of)?",

@@ -59,7 +59,7 @@ def truncated_part(prompt: str) -> str:
 def length_summary(lengths: np.ndarray) -> pd.DataFrame:
     """Prompt length statistics and how many prompts the 77-token context truncates."""
     truncated = int((lengths > CONTEXT_LENGTH).sum())
-    return pd.DataFrame({"value": {
-        "prompts": len(lengths), "median tokens": float(np.median(lengths)),
-        "95th percentile": float(np.percentile(lengths, 95)), "max tokens": int(lengths.max()),
-        "truncated (> 77)": truncated, "truncated share": round(truncated / max(len(lengths), 1), 4)}})
+    summary = {"prompts": len(lengths), "median tokens": float(np.median(lengths)),
+               "95th percentile": float(np.percentile(lengths, 95)), "max tokens": int(lengths.max()),
+               "truncated (> 77)": truncated, "truncated share": round(truncated / max(len(lengths), 1), 4)}
+    return pd.DataFrame({"value": pd.Series(summary, dtype=object)})
