@@ -121,7 +121,7 @@ def fig_labeler_agreement(f1: pd.DataFrame, target: float = 0.85) -> Figure:
     sns.barplot(tidy, y="observation", x="value", hue="metric", ax=ax)
     ax.axvline(target, color="#c0392b", linestyle="--", label=f"target F1 {target}")
     ax.set_xlim(0, 1)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax.set_title("Rule labeler vs IU-Xray MeSH tags")
     fig.tight_layout()
     return fig
