@@ -95,10 +95,11 @@ def notebook_parameters(notebook: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(notebook)))
 
 
-def dataset_fingerprints(cfg: config.Config) -> dict[str, str]:
-    """Fingerprints of the datasets this config points at that exist now."""
+def dataset_summaries(cfg: config.Config) -> dict[str, dict]:
+    """Fingerprint, rows per split and skipped inputs of the datasets this config points at."""
     if (cfg.dataset_path / DATASET_MANIFEST).is_file():
-        return {"cxr_dataset": read_manifest(cfg.dataset_path)["fingerprint"]}
+        manifest = read_manifest(cfg.dataset_path)
+        return {"cxr_dataset": {k: manifest[k] for k in ("fingerprint", "rows", "skipped")}}
     return {}
 
 
@@ -139,7 +140,7 @@ def run(profile: str, only: Sequence[str] = (), overrides: dict | None = None,
     for notebook in tqdm(notebooks, desc=f"notebooks ({profile})", unit="nb"):
         params = {"profile": profile, **{k: v for k, v in overrides.items() if k in notebook_parameters(notebook)}}
         record = run_notebook(notebook, params, out_dir)
-        record.update(profile=profile, config=cfg.to_dict(), datasets=dataset_fingerprints(cfg),
+        record.update(profile=profile, config=cfg.to_dict(), datasets=dataset_summaries(cfg),
                       git=git_state(), packages=package_versions(), machine=machine())
         write_json_atomic(out_dir / f"{notebook.stem}.manifest.json", record)
         records.append(record)

@@ -67,4 +67,6 @@ def test_every_notebook_runs_on_the_tiny_profile(tmp_path):
     records = runs.run("tiny", out_dir=tmp_path)
     assert [r["status"] for r in records] == ["ok"] * len(NOTEBOOKS)
     manifest = json.loads((tmp_path / "01_data_prep.manifest.json").read_text())
-    assert manifest["datasets"]["cxr_dataset"]
+    summary = manifest["datasets"]["cxr_dataset"]
+    assert len(summary["fingerprint"]) == 64 and sum(summary["rows"].values()) == 48
+    assert summary["skipped"]["no_impression_or_findings"] == 28
