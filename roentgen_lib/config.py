@@ -24,6 +24,9 @@ from typing import Any, Literal
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROFILE_NAMES = ("tiny", "demo", "paper")
 DataSource = Literal["phantom", "mimic"]
+FineTuneMethod = Literal["full", "lora"]
+LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,43 @@ class Config:
     val_fraction: float = 0.1  # share of patients in the validation split (phantom world)
     test_fraction: float = 0.1  # share of patients in the test split (phantom world)
     progress: bool = True  # show progress bars (off in the tiny profile: nbval compares stderr)
+    # --- base model (notebooks 02-03) ---
+    base_model: str | None = None  # diffusers folder or hub id; None: the project's base, built locally
+    text_encoder: str | None = None  # local Hugging Face text model replacing CLIP (domain encoder)
+    base_images: int = 4000  # general-domain scenes the project's base is pretrained on
+    base_vae_steps: int = 300  # autoencoder pretraining steps of the project's base
+    base_steps: int = 800  # U-Net + text encoder pretraining steps of the project's base
+    # --- fine-tuning ---
+    run_name: str | None = None  # folder under models_dir; None: named after method and targets
+    models_dir: str | None = None  # where runs are saved; None: data/<profile>/models
+    train_unet: bool = True  # adapt the U-Net
+    train_text_encoder: bool = False  # adapt the text encoder
+    method: FineTuneMethod = "full"  # full fine-tuning or LoRA adapters
+    lora_rank: int = 8  # LoRA rank (method="lora")
+    lora_alpha: int = 8  # LoRA scaling numerator (method="lora")
+    unet_lora_targets: str = "to_q,to_k,to_v,to_out.0"  # U-Net modules that get adapters
+    text_lora_targets: str = "q_proj,k_proj,v_proj,out_proj"  # text-encoder modules that get adapters
+    learning_rate: float = 1e-3  # peak learning rate
+    lr_scheduler: LrSchedule = "cosine"  # learning-rate schedule after warm-up
+    lr_warmup_steps: int = 50  # linear warm-up steps
+    batch_size: int = 32  # images per optimizer step per process (before accumulation)
+    gradient_accumulation: int = 1  # micro-batches per optimizer step
+    max_steps: int = 600  # optimizer steps
+    mixed_precision: MixedPrecision = "no"  # "fp16"/"bf16" on GPUs that support them
+    gradient_checkpointing: bool = False  # trade compute for memory (paper profile)
+    ema_decay: float = 0.999  # EMA of trained weights; 0 turns it off
+    snr_gamma: float = 0.0  # Min-SNR loss weighting gamma; 0 turns it off (5 is common)
+    noise_offset: float = 0.0  # offset noise strength; 0 turns it off
+    max_grad_norm: float = 1.0  # gradient clipping
+    use_8bit_adam: bool = False  # bitsandbytes 8-bit AdamW (GPU, when installed)
+    checkpoint_every: int = 200  # steps between resumable checkpoints
+    checkpoints_total_limit: int = 2  # checkpoints kept (oldest removed first)
+    validation_every: int = 200  # steps between validation loss and sample grids
+    validation_prompts: str = (
+        "large left pleural effusion|large right pneumothorax|moderate cardiomegaly|"
+        "no acute cardiopulmonary process"
+    )  # "|"-separated prompts rendered at each validation
+    resume: bool = True  # continue from the latest checkpoint of the run if there is one
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -65,6 +105,26 @@ class Config:
         """
         default = "figures" if self.profile == "demo" else f"data/{self.profile}/figures"
         return project_path(self.figures_dir or default)
+
+    @property
+    def base_model_path(self) -> str:
+        """The base model: a local folder (absolute) or a hub id, as given; else the project's base."""
+        if self.base_model is None:
+            return str(project_path(f"data/{self.profile}/base_model"))
+        local = project_path(self.base_model)
+        return str(local) if local.exists() or self.base_model.startswith((".", "/", "~")) else self.base_model
+
+    @property
+    def run_path(self) -> Path:
+        """Folder of this fine-tuning run: checkpoints, logs, validation grids, final weights."""
+        targets = "_".join(t for t, on in (("unet", self.train_unet), ("te", self.train_text_encoder)) if on)
+        name = self.run_name or f"{self.method}_{targets}"
+        return project_path(self.models_dir or f"data/{self.profile}/models") / name
+
+    @property
+    def prompts_for_validation(self) -> list[str]:
+        """The validation prompts as a list."""
+        return [p.strip() for p in self.validation_prompts.split("|") if p.strip()]
 
     @property
     def reports_root(self) -> str | None:
@@ -153,6 +213,22 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"parameter 'n_images' must be >= 1 or None (all), got {cfg.n_images}")
     if cfg.seed < 0:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
+    positive = ("base_images", "base_vae_steps", "base_steps", "lora_rank", "lora_alpha", "batch_size",
+                "gradient_accumulation", "max_steps", "checkpoint_every", "checkpoints_total_limit",
+                "validation_every")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "max_grad_norm"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
+    for name in ("snr_gamma", "noise_offset", "lr_warmup_steps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"parameter 'ema_decay' must be in [0, 1), got {cfg.ema_decay}")
+    if not (cfg.train_unet or cfg.train_text_encoder):
+        raise ConfigError("parameters 'train_unet' and 'train_text_encoder' are both False: nothing to train")
     for name in ("val_fraction", "test_fraction"):
         if not 0.0 <= getattr(cfg, name) < 0.5:
             raise ConfigError(f"parameter {name!r} must be in [0, 0.5), got {getattr(cfg, name)}")
@@ -191,7 +267,13 @@ def shipped_file(package: str, relative: str) -> Path:
 
 
 PROFILES: dict[str, Config] = {
-    "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False),
+    "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, base_images=64,
+                   base_vae_steps=20, base_steps=20, batch_size=8, max_steps=12, lr_warmup_steps=2,
+                   checkpoint_every=6, validation_every=6),
     "demo": Config(profile="demo", n_images=3000, image_size=64),
-    "paper": Config(profile="paper", data_source="mimic", n_images=None, image_size=512),
+    "paper": Config(profile="paper", data_source="mimic", n_images=None, image_size=512,
+                    base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=1e-5,
+                    lr_warmup_steps=500, batch_size=8, gradient_accumulation=32, max_steps=12500,
+                    mixed_precision="bf16", gradient_checkpointing=True, ema_decay=0.9999, snr_gamma=5.0,
+                    checkpoint_every=1000, checkpoints_total_limit=3, validation_every=1000),
 }

@@ -10,7 +10,6 @@ real images).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -30,6 +29,7 @@ from roentgen_lib.data import mimic
 from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
 from roentgen_lib.files import fingerprint_dir, replace_dir, temporary_sibling, write_json_atomic
+from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.text.labels import OBSERVATIONS, device_kinds, label_report, label_vector
 from roentgen_lib.text.reports import read_iu_reports, report_prompt
 
@@ -125,17 +125,6 @@ def mimic_records(rows: list[dict], size: int, mimic_root: str, reports_root: st
         yield record(pair[0], pair[1], row, str(row["study_id"]), "")
 
 
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """Turn the `datasets` progress bars on or off for a block, restoring the previous state."""
-    was_disabled = datasets.are_progress_bars_disabled()
-    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
-    try:
-        yield
-    finally:
-        (datasets.disable_progress_bars if was_disabled else datasets.enable_progress_bars)()
-
-
 def generate_split(cfg: Config, rows: list[dict], skipped: dict, cache_dir: Path) -> datasets.Dataset:
     """One split as an Arrow-backed dataset, streamed to disk (no need to hold the images in memory)."""
     if not rows:
@@ -156,7 +145,7 @@ def build_dataset(cfg: Config) -> BuildResult:
     work = temporary_sibling(cfg.dataset_path)
     try:
         counts: dict = dict(skipped)
-        with progress_bars(cfg.progress):
+        with library_progress_bars(cfg.progress):
             splits = {s: generate_split(cfg, [r for r in rows if r["split"] == s], counts, work / "cache")
                       for s in SPLITS}
             check_patient_disjoint(splits)

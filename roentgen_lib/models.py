@@ -1,0 +1,151 @@
+"""Stable Diffusion components: load a base (any SD 1.x/2.x diffusers folder or hub id), or build
+the tiny SD-architecture stand-ins used offline, and pretrain their autoencoder.
+
+`load_base(path)` returns a `Base` (VAE, U-Net, text encoder, tokenizer, noise scheduler) read
+with safetensors only. `text_encoder=` swaps in any local Hugging Face text model, projected to
+the U-Net's cross-attention width: the paper's domain-specific text encoder experiment.
+
+Usage::
+
+    base = load_base("data/demo/base_model")                  # the project's pretrained base
+    base = load_base("stable-diffusion-v1-5/stable-diffusion-v1-5")  # hub (network; paper profile)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+
+from roentgen_lib.data.general import render_scene
+from roentgen_lib.text.tokenizer import CONTEXT_LENGTH, load_clip_tokenizer
+
+# Tiny SD architectures (DESIGN.md): same block types as Stable Diffusion, far fewer channels.
+ARCHITECTURES = {
+    "tiny": {"channels": (16, 32, 32), "groups": 8, "cross_attention": 32, "text_width": 32, "text_layers": 1},
+    "demo": {"channels": (32, 64, 64), "groups": 16, "cross_attention": 64, "text_width": 64, "text_layers": 2},
+}
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                "clip_sample": False, "steps_offset": 1}  # as Stable Diffusion 1.x ships it
+
+
+@dataclass
+class Base:
+    """The parts of a Stable Diffusion pipeline that training and sampling use."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    noise_scheduler: DDPMScheduler
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A StableDiffusionPipeline over these components (no safety checker: radiographs)."""
+        return StableDiffusionPipeline(vae=self.vae, unet=self.unet, text_encoder=self.text_encoder,
+                                       tokenizer=self.tokenizer, scheduler=self.noise_scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+class ProjectedTextEncoder(nn.Module):
+    """Any Hugging Face text model with a linear projection to the U-Net's cross-attention width."""
+
+    def __init__(self, encoder: nn.Module, width: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projection = nn.Linear(encoder.config.hidden_size, width)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projection.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return (self.projection(hidden),)
+
+
+def load_base(name_or_path: str, text_encoder: str | None = None) -> Base:
+    """Load a Stable Diffusion 1.x/2.x base from a local diffusers folder or a hub id (safetensors only).
+
+    With `text_encoder`, the CLIP text encoder and tokenizer are replaced by the given local text
+    model and its tokenizer, projected to the U-Net's cross-attention width (projection untrained).
+    """
+    if Path(name_or_path).is_absolute() and not (Path(name_or_path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"base_model={name_or_path!r} is not a diffusers pipeline folder "
+                                "(no model_index.json); build the project's base with `make base`")
+    load = {"use_safetensors": True}
+    unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **load)
+    base = Base(
+        vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **load),
+        unet=unet,
+        text_encoder=CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **load),
+        tokenizer=AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer"),
+        noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler"),
+    )
+    if text_encoder is not None:
+        encoder = AutoModel.from_pretrained(text_encoder, use_safetensors=True)
+        base.text_encoder = ProjectedTextEncoder(encoder, unet.config.cross_attention_dim)
+        base.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
+    return base
+
+
+def build_components(profile: str, image_size: int, seed: int) -> Base:
+    """Fresh, randomly initialised tiny SD components for `profile` ("tiny" or "demo")."""
+    arch = ARCHITECTURES["tiny" if profile == "tiny" else "demo"]
+    torch.manual_seed(seed)
+    channels, groups = arch["channels"], arch["groups"]
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+        norm_num_groups=groups, sample_size=image_size)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2 ** (len(channels) - 1), in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=channels, norm_num_groups=groups, cross_attention_dim=arch["cross_attention"],
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    text_config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=arch["text_width"], intermediate_size=2 * arch["text_width"],
+        num_hidden_layers=arch["text_layers"], num_attention_heads=2, max_position_embeddings=CONTEXT_LENGTH,
+        projection_dim=arch["cross_attention"], bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return Base(vae=vae, unet=unet, text_encoder=CLIPTextModel(text_config), tokenizer=load_clip_tokenizer(),
+                noise_scheduler=DDPMScheduler(**SD_SCHEDULER))
+
+
+def images_to_tensor(images: list, size: int) -> torch.Tensor:
+    """PIL images (any mode) to a float tensor (N, 3, size, size) in [-1, 1], as SD expects."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def pretrain_vae(vae: AutoencoderKL, size: int, steps: int, batch_size: int, seed: int,
+                 progress: bool = True, learning_rate: float = 1e-3) -> list[float]:
+    """Train the autoencoder on general-domain scenes (no X-rays): L1 + small KL. Returns losses.
+
+    Afterwards the latent scaling factor is set so scaled latents have unit variance, as
+    Stable Diffusion's 0.18215 does for its VAE.
+    """
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    rng = np.random.default_rng([seed, 1])
+    losses = []
+    vae.train()
+    for _ in tqdm(range(steps), desc="pretrain autoencoder", disable=not progress):
+        batch = images_to_tensor([render_scene(rng, size)[0] for _ in range(batch_size)], size)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = (reconstruction - batch).abs().mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    vae.eval()
+    with torch.no_grad():
+        batch = images_to_tensor([render_scene(rng, size)[0] for _ in range(4 * batch_size)], size)
+        std = vae.encode(batch).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return losses

@@ -1,0 +1,94 @@
+"""Build the project's own base model: a tiny Stable Diffusion pretrained on the general domain.
+
+Stand-in for Stable Diffusion where its weights cannot be downloaded (tiny and demo profiles):
+the autoencoder is trained on general-domain scenes, then the U-Net and CLIP text encoder are
+trained from scratch on captioned scenes with the same loop that later fine-tunes on X-rays.
+The result is a diffusers pipeline folder (safetensors) at `cfg.base_model_path`, built once.
+
+    python -m roentgen_lib.pretrain --profile demo      # what `make base` runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from roentgen_lib import config
+from roentgen_lib.data.general import render_scene
+from roentgen_lib.files import replace_dir, temporary_sibling, write_json_atomic
+from roentgen_lib.models import build_components, pretrain_vae
+from roentgen_lib.progress import library_progress_bars
+from roentgen_lib.train import train_model
+
+GENERAL_VALIDATION_PROMPTS = ("a large red circle on the left, on a plain white background|"
+                              "a small blue square at the top, on a striped yellow background|"
+                              "a large green triangle in the centre, on a gradient black background")
+
+
+def general_scenes(count: int, size: int, seed: int) -> tuple[list, list[str]]:
+    """`count` captioned general-domain scenes (images, captions), determined by `seed`."""
+    rng = np.random.default_rng([seed, 2])
+    scenes = [render_scene(rng, size) for _ in range(count)]
+    return [s[0] for s in scenes], [s[1] for s in scenes]
+
+
+def pretraining_config(cfg: config.Config) -> config.Config:
+    """The fine-tuning config turned into from-scratch training of U-Net and text encoder."""
+    return dataclasses.replace(cfg, train_unet=True, train_text_encoder=True, method="full",
+                               max_steps=cfg.base_steps, learning_rate=1e-3, lr_scheduler="cosine",
+                               validation_every=cfg.base_steps, checkpoint_every=cfg.base_steps,
+                               validation_prompts=GENERAL_VALIDATION_PROMPTS, resume=False, text_encoder=None)
+
+
+def base_exists(cfg: config.Config) -> bool:
+    """True when the project's base for this profile is already built."""
+    return (Path(cfg.base_model_path) / "model_index.json").is_file()
+
+
+def build_base(cfg: config.Config, force: bool = False) -> Path:
+    """Pretrain and save the project's base for `cfg.profile` unless it exists (or `force`)."""
+    target = Path(cfg.base_model_path)
+    if base_exists(cfg) and not force:
+        return target
+    if cfg.base_model is not None:
+        raise config.ConfigError(f"base_model={cfg.base_model!r} is not built here; only the project's "
+                                 "own base (base_model=None) can be pretrained locally")
+    start = time.perf_counter()
+    work = temporary_sibling(target)
+    try:
+        base = build_components(cfg.profile, cfg.image_size, cfg.seed)
+        vae_losses = pretrain_vae(base.vae, cfg.image_size, cfg.base_vae_steps, cfg.batch_size, cfg.seed, cfg.progress)
+        with library_progress_bars(cfg.progress):
+            base.pipeline().save_pretrained(work / "initial", safe_serialization=True)
+        images, captions = general_scenes(cfg.base_images + 64, cfg.image_size, cfg.seed)
+        result = train_model(pretraining_config(cfg), (images[:-64], captions[:-64]), (images[-64:], captions[-64:]),
+                             base_path=str(work / "initial"), run_dir=work / "run")
+        shutil.copy(result.log, result.output_dir / "pretraining_log.csv")
+        write_json_atomic(result.output_dir / "base.json", {
+            "profile": cfg.profile, "image_size": cfg.image_size, "seed": cfg.seed, "general_images": cfg.base_images,
+            "vae_steps": cfg.base_vae_steps, "vae_final_l1": float(np.mean(vae_losses[-10:])),
+            "unet_text_steps": cfg.base_steps, "seconds": round(time.perf_counter() - start, 1)})
+        replace_dir(result.output_dir, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (`make base`)."""
+    parser = argparse.ArgumentParser(prog="python -m roentgen_lib.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="demo", choices=config.PROFILE_NAMES[:2])
+    parser.add_argument("--force", action="store_true", help="rebuild even if the base exists")
+    args = parser.parse_args(argv)
+    print(build_base(config.resolve(args.profile), force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Fine-tune a Stable Diffusion base on image/prompt pairs: U-Net, text encoder or both, full or LoRA.
+
+One loop serves every combination and every profile. What users of diffusers' and kohya's training
+scripts expect is here: accelerate (one process, or many through `accelerate launch`), mixed
+precision, gradient accumulation and checkpointing, EMA, Min-SNR weighting, noise offset, warm-up
+schedules, 8-bit Adam (bitsandbytes), gradient clipping, caption dropout for classifier-free guidance.
+VAE latents are cached once (and text-encoder outputs too when the text encoder is frozen), so each
+step runs only what it trains. Checkpoints (see `checkpoints`) resume to the same bits on CPU.
+
+Usage::
+
+    cfg = config.resolve("demo", method="lora", train_text_encoder=True)
+    result = train_model(cfg, *load_pairs(cfg.dataset_path))
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DPMSolverMultistepScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from tqdm import tqdm
+
+from roentgen_lib.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
+from roentgen_lib.config import Config
+from roentgen_lib.files import replace_dir, temporary_sibling, write_json_atomic
+from roentgen_lib.models import Base, images_to_tensor, load_base
+from roentgen_lib.progress import library_progress_bars
+
+CAPTION_DROPOUT = 0.1  # share of prompts replaced by "" so classifier-free guidance works
+VALIDATION_SEED = 12345
+
+
+@dataclass
+class Pairs:
+    """Image/prompt pairs after caching: latent distribution and token ids (or text states)."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    input_ids: torch.Tensor
+    text_states: torch.Tensor | None = None  # cached when the text encoder is frozen
+
+    def __len__(self) -> int:
+        return len(self.latent_mean)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run's outputs are and how it went."""
+
+    run_dir: Path
+    output_dir: Path  # pipeline/ (full) or lora/ (LoRA)
+    log: Path  # tidy CSV: step, split, metric, value
+    steps: int
+    seconds_per_step: float
+    images_per_second: float
+    peak_memory_mb: float
+
+
+def load_pairs(dataset_path: Path, split: str) -> tuple[list[Image.Image], list[str]]:
+    """Images and prompts of one split of a dataset built by 01_data_prep."""
+    part = datasets.load_from_disk(str(dataset_path))[split]
+    return list(part["image"]), list(part["prompt"])
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's context (77 for CLIP)."""
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_text(text_encoder, input_ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Text-encoder hidden states for token ids, in batches."""
+    device = next(text_encoder.parameters()).device
+    return torch.cat([text_encoder(input_ids[i : i + batch_size].to(device))[0].cpu()
+                      for i in range(0, len(input_ids), batch_size)])
+
+
+@torch.no_grad()
+def cache_pairs(base: Base, images: list[Image.Image], prompts: list[str], size: int,
+                cache_text: bool, batch_size: int = 64, progress: bool = True) -> Pairs:
+    """Encode every image once with the frozen VAE (and prompts, if the text encoder is frozen)."""
+    device = next(base.vae.parameters()).device
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="cache latents", disable=not progress):
+        dist = base.vae.encode(images_to_tensor(images[i : i + batch_size], size).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    ids = tokenize(base.tokenizer, [*prompts, ""])
+    pairs = Pairs(torch.cat(means), torch.cat(stds), ids)
+    if cache_text:
+        pairs.text_states = encode_text(base.text_encoder, ids)
+    return pairs
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: int, targets: str) -> None:
+    """Freeze `model` and attach trainable LoRA adapters (peft) to the named modules."""
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                 target_modules=[t.strip() for t in targets.split(",")]))
+
+
+def trained_models(base: Base, cfg: Config) -> dict[str, torch.nn.Module]:
+    """Set which weights train (per target and method) and return the trained models by name."""
+    base.vae.requires_grad_(False)
+    chosen = {}
+    for name, model, on, targets in (("unet", base.unet, cfg.train_unet, cfg.unet_lora_targets),
+                                     ("text_encoder", base.text_encoder, cfg.train_text_encoder, cfg.text_lora_targets)):
+        if not on:
+            model.requires_grad_(False)
+        elif cfg.method == "lora":
+            torch.manual_seed(cfg.seed)  # adapter initialisation draws from the global generator
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets)
+        else:
+            model.requires_grad_(True)
+        if on:
+            chosen[name] = model
+    return chosen
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, world: int, rank: int, seed: int) -> np.ndarray:
+    """Indices of one micro-batch: a seeded permutation per epoch, split across processes.
+
+    Depends only on the micro-step counter, so a resumed run reads exactly the data it would have.
+    """
+    global_batch = batch_size * world
+    per_epoch = max(n // global_batch, 1)
+    epoch, position = divmod(micro_step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    chunk = order[position * global_batch : (position + 1) * global_batch]
+    return chunk[rank * batch_size : (rank + 1) * batch_size]
+
+
+def diffusion_loss(base: Base, unet, text_encoder, pairs: Pairs, idx: np.ndarray, cfg: Config,
+                   generator: torch.Generator, device: torch.device, dropout: float) -> torch.Tensor:
+    """Denoising loss of one micro-batch (epsilon or v target, optional Min-SNR weights)."""
+    n = len(idx)
+    index = torch.from_numpy(idx)
+    noise_draw = torch.randn(pairs.latent_mean[index].shape, generator=generator)
+    latents = (pairs.latent_mean[index] + pairs.latent_std[index] * noise_draw) * base.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator)
+    if cfg.noise_offset:
+        noise += cfg.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator)
+    scheduler = base.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    dropped = torch.rand(n, generator=generator) < dropout
+    text_index = torch.where(dropped, torch.tensor(len(pairs.input_ids) - 1), index)  # last row is ""
+    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if pairs.text_states is not None:
+        states = pairs.text_states[text_index].to(device)
+    else:
+        states = text_encoder(pairs.input_ids[text_index].to(device))[0]
+    prediction = unet(noisy, timesteps, states).sample
+    epsilon = scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else scheduler.get_velocity(latents, noise, timesteps)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.snr_gamma:
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.clamp(snr, max=cfg.snr_gamma) / (snr if epsilon else snr + 1)
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked for (clear error when it is not installed)."""
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("use_8bit_adam=True needs bitsandbytes: pip install bitsandbytes") from error
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
+
+
+def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
+    """The noise/timestep generator of one micro-step, re-seeded from (seed, rank, micro-step).
+
+    No random state carries from step to step, so a resumed run draws exactly the same noise
+    as an uninterrupted one without saving generator states.
+    """
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0]))
+
+
+@torch.no_grad()
+def validation_loss(base: Base, pairs: Pairs, cfg: Config, device: torch.device, limit: int = 64) -> float:
+    """Mean denoising loss on held-out pairs with fixed noise, so values compare across steps."""
+    losses = []
+    for start in range(0, min(limit, len(pairs)), cfg.batch_size):
+        idx = np.arange(start, min(start + cfg.batch_size, limit, len(pairs)))
+        generator = step_generator(VALIDATION_SEED, 0, start)
+        losses.append(diffusion_loss(base, base.unet, base.text_encoder, pairs, idx, cfg, generator, device, 0.0).item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+@torch.no_grad()
+def validation_grid(base: Base, prompts: list[str], seed: int, steps: int = 20, guidance: float = 4.0) -> Image.Image:
+    """One image per prompt (fixed seeds), side by side, from the current weights."""
+    pipe = base.pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    device = next(base.unet.parameters()).device
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                  output_type="np").images
+    row = np.concatenate(list(np.round(images * 255).astype(np.uint8)), axis=1)
+    del pipe, device
+    return Image.fromarray(row)
+
+
+def trained_parameters(models: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """The parameters that receive gradients, in a fixed order."""
+    return [p for m in models.values() for p in m.parameters() if p.requires_grad]
+
+
+def trained_state(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """The trained tensors of each model (all weights for full fine-tuning, adapters for LoRA)."""
+    return {name: {k: p.detach() for k, p in m.named_parameters() if p.requires_grad} for name, m in models.items()}
+
+
+def restore(run_dir: Path, models, optimizer, lr_scheduler, ema) -> int:
+    """Load the latest checkpoint of a run into the training objects; return its step (0 if none)."""
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        return 0
+    step, states = read_checkpoint(folder)
+    for name, model in models.items():
+        missing, unexpected = model.load_state_dict(states["models"][name], strict=False)
+        if unexpected or set(states["models"][name]) - {k for k, _ in model.named_parameters()}:
+            raise ValueError(f"{folder}: weights for {name} do not fit this model ({unexpected[:3]})")
+    optimizer.load_state_dict(states["optimizer"])
+    lr_scheduler.load_state_dict(states["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(states["ema"])
+    return step
+
+
+class RunLog:
+    """A tidy CSV (step, split, metric, value) that survives resumption without duplicate rows."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if path.exists() and resume_step:
+            with path.open() as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "split", "metric", "value"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def add(self, step: int, split: str, **metrics: float) -> None:
+        with self.path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            for metric, value in metrics.items():
+                writer.writerow([step, split, metric, f"{value:.6g}"])
+
+
+def save_outputs(base: Base, models: dict[str, torch.nn.Module], cfg: Config, run_dir: Path) -> Path:
+    """Final weights: a diffusers pipeline folder (full) or a LoRA adapter folder, written atomically."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import _collate_lora_metadata
+
+    target = run_dir / ("pipeline" if cfg.method == "full" else "lora")
+    work = temporary_sibling(target)
+    try:
+        if cfg.method == "full":
+            base.pipeline().save_pretrained(work, safe_serialization=True)
+        else:
+            layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m, save_embedding_layers=False))
+                      for name, m in models.items()}
+            StableDiffusionPipeline.save_lora_weights(work, safe_serialization=True, **layers,
+                                                      **_collate_lora_metadata(models))
+        replace_dir(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_model(cfg: Config, train_data: tuple[list, list[str]], val_data: tuple[list, list[str]],
+                base_path: str | None = None, run_dir: Path | None = None) -> TrainResult:
+    """Fine-tune `cfg.base_model_path` (or `base_path`) on (images, prompts); see the module docstring.
+
+    Resumes from the run's latest checkpoint when `cfg.resume` and one exists. Multi-process runs
+    (`accelerate launch`) split each global batch across processes; only the main process writes.
+    """
+    with library_progress_bars(cfg.progress):
+        return run_training(cfg, train_data, val_data, base_path, run_dir)
+
+
+def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tuple[list, list[str]],
+                 base_path: str | None, run_dir: Path | None) -> TrainResult:
+    """The training loop behind `train_model`."""
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation,
+                              mixed_precision=cfg.mixed_precision)
+    main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
+                                 accelerator.num_processes, accelerator.device)
+    run_dir = run_dir or cfg.run_path
+    base = load_base(base_path or cfg.base_model_path, cfg.text_encoder)
+    models = trained_models(base, cfg)
+    for model in (base.vae, base.unet, base.text_encoder):
+        model.to(device)
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        if "text_encoder" in models:
+            base.text_encoder.gradient_checkpointing_enable()
+    frozen_text = "text_encoder" not in models
+    train = cache_pairs(base, *train_data, cfg.image_size, frozen_text, progress=cfg.progress and main)
+    val = cache_pairs(base, *val_data, cfg.image_size, frozen_text, progress=False)
+    params = trained_parameters(models)
+    optimizer = make_optimizer(params, cfg)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_steps)
+    ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay else None
+    start = restore(run_dir, models, optimizer, lr_scheduler, ema) if cfg.resume else 0
+    prepared = accelerator.prepare(*models.values())
+    wrapped = dict(zip(models, prepared if len(models) > 1 else (prepared,)))
+    optimizer = accelerator.prepare(optimizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir / "log.csv", start) if main else None
+    for model in models.values():
+        model.train()
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train {run_dir.name}", disable=not (cfg.progress and main))
+    images_per_step = cfg.batch_size * cfg.gradient_accumulation * world
+    train_seconds = 0.0
+    for step in range(start + 1, cfg.max_steps + 1):
+        tick = time.perf_counter()
+        losses = []
+        for micro in range(cfg.gradient_accumulation):
+            micro_step = (step - 1) * cfg.gradient_accumulation + micro
+            idx = batch_indices(len(train), cfg.batch_size, micro_step, world, rank, cfg.seed)
+            with accelerator.accumulate(*wrapped.values()):
+                loss = diffusion_loss(base, wrapped.get("unet", base.unet), wrapped.get("text_encoder", base.text_encoder),
+                                      train, idx, cfg, step_generator(cfg.seed, rank, micro_step), device, CAPTION_DROPOUT)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(params)
+        train_seconds += time.perf_counter() - tick
+        step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{images_per_step * (step - start) / train_seconds:.0f}")
+        if main:
+            log.add(step, "train", loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
+        if step % cfg.validation_every == 0 or step == cfg.max_steps:
+            validate(base, models, val, cfg, device, run_dir, step, log if main else None)
+        if step % cfg.checkpoint_every == 0 and main:
+            states = {"models": trained_state(models), "optimizer": optimizer.state_dict(),
+                      "lr_scheduler": lr_scheduler.state_dict(), **({"ema": ema.state_dict()} if ema else {})}
+            write_checkpoint(run_dir, step, states, cfg.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+    bar.close()
+    if ema is not None:
+        ema.copy_to(params)
+    steps_run = cfg.max_steps - start
+    seconds_per_step = train_seconds / max(steps_run, 1)
+    output = save_outputs(base, models, cfg, run_dir) if main else run_dir
+    result = TrainResult(run_dir=run_dir, output_dir=output, log=run_dir / "log.csv", steps=cfg.max_steps,
+                         seconds_per_step=seconds_per_step, images_per_second=images_per_step / seconds_per_step
+                         if steps_run else math.nan, peak_memory_mb=peak_memory_mb(device))
+    if main:
+        write_json_atomic(run_dir / "run.json", {"config": cfg.to_dict(), "base_model": base_path or cfg.base_model_path,
+                                                 "processes": world, **{k: str(v) if isinstance(v, Path) else v
+                                                                        for k, v in result.__dict__.items()}})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def validate(base: Base, models, val: Pairs, cfg: Config, device, run_dir: Path, step: int, log: RunLog | None) -> None:
+    """Validation loss on held-out pairs and a grid of the validation prompts (main process logs)."""
+    for model in models.values():
+        model.eval()
+    loss = validation_loss(base, val, cfg, device)
+    if log is not None:
+        log.add(step, "validation", loss=loss)
+        grid = validation_grid(base, cfg.prompts_for_validation, cfg.seed)
+        (run_dir / "validation").mkdir(exist_ok=True)
+        grid.save(run_dir / "validation" / f"step-{step:06d}.png")
+    for model in models.values():
+        model.train()
