@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= demo
 
-.PHONY: setup reproduce test lab tiny-runs bench clean
+.PHONY: setup reproduce test lab tiny-runs base bench bench-train clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ reproduce: setup
 test: setup
 	$(PY) -m pytest tests papermill_runs/tiny --nbval --nbval-current-env
 
+# The project's own tiny Stable Diffusion, pretrained on general-domain scenes (built once, cached
+# in data/<profile>/base_model; the notebooks build it themselves when it is missing).
+base: setup
+	$(PY) -m roentgen_lib.pretrain --profile $(PROFILE)
+
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
@@ -30,6 +35,10 @@ tiny-runs: setup
 
 bench: setup
 	$(PY) tests/bench/bench_labeler.py
+
+# Our U-Net fine-tuning loop against diffusers' train_text_to_image.py (fetched into .reference/; see the script).
+bench-train: setup
+	$(PY) tests/bench/bench_train.py
 
 clean:
 	rm -rf data papermill_runs/demo papermill_runs/paper

@@ -13,13 +13,18 @@ Usage::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROFILE_NAMES = ("tiny", "demo", "paper")
@@ -27,6 +32,8 @@ DataSource = Literal["phantom", "mimic"]
 FineTuneMethod = Literal["full", "lora"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+# Which components a full fine-tune adapts: (train_unet, train_text_encoder).
+VARIANTS = {"unet": (True, False), "text_encoder": (False, True), "both": (True, True)}
 
 
 class ConfigError(ValueError):
@@ -86,6 +93,7 @@ class Config:
         "no acute cardiopulmonary process"
     )  # "|"-separated prompts rendered at each validation
     resume: bool = True  # continue from the latest checkpoint of the run if there is one
+    full_variants: str = "unet,text_encoder,both"  # components 03_finetune_full adapts, one run each
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -127,6 +135,11 @@ class Config:
         return [p.strip() for p in self.validation_prompts.split("|") if p.strip()]
 
     @property
+    def variant_names(self) -> list[str]:
+        """The components 03_finetune_full adapts, in order."""
+        return [v.strip() for v in self.full_variants.split(",") if v.strip()]
+
+    @property
     def reports_root(self) -> str | None:
         """The MIMIC report tree, defaulting to the image tree."""
         return self.mimic_reports_root or self.mimic_root
@@ -149,6 +162,20 @@ def resolve(profile: str = "demo", **overrides: Any) -> Config:
     cfg = dataclasses.replace(PROFILES[profile], **chosen)
     check_required(cfg)
     return cfg
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
+    """`key=value` strings to a dict; values are Python literals when they parse, else strings."""
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-p {pair!r}: expected key=value")
+        try:
+            overrides[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = raw
+    return overrides
 
 
 def parameter_names() -> tuple[str, ...]:
@@ -227,6 +254,9 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"parameter 'ema_decay' must be in [0, 1), got {cfg.ema_decay}")
+    unknown = set(cfg.variant_names) - set(VARIANTS)
+    if unknown or not cfg.variant_names:
+        raise ConfigError(f"parameter 'full_variants' must list some of {', '.join(VARIANTS)}, got {cfg.full_variants!r}")
     if not (cfg.train_unet or cfg.train_text_encoder):
         raise ConfigError("parameters 'train_unet' and 'train_text_encoder' are both False: nothing to train")
     for name in ("val_fraction", "test_fraction"):
@@ -277,3 +307,16 @@ PROFILES: dict[str, Config] = {
                     mixed_precision="bf16", gradient_checkpointing=True, ema_decay=0.9999, snr_gamma=5.0,
                     checkpoint_every=1000, checkpoints_total_limit=3, validation_every=1000),
 }
+
+
+def summary(cfg: Config, names: list[str]) -> "pd.DataFrame":
+    """The named fields of a config as a one-column table (for a notebook to show what it runs with)."""
+    import pandas as pd
+
+    return pd.Series({"profile": cfg.profile, **{n: getattr(cfg, n) for n in names}}, dtype=object).to_frame("value")
+
+
+def relative(path: Path) -> str:
+    """A path relative to the project root when inside it (stable across clones), else absolute."""
+    path = Path(path)
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)

@@ -7,11 +7,13 @@ a JSON sidecar naming the run that made it (config, dataset fingerprint, git com
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from PIL import Image
 
 from roentgen_lib.config import Config
 from roentgen_lib.files import write_json_atomic
@@ -125,3 +127,76 @@ def fig_labeler_agreement(f1: pd.DataFrame, target: float = 0.85) -> Figure:
     ax.set_title("Rule labeler vs IU-Xray MeSH tags")
     fig.tight_layout()
     return fig
+
+
+def read_log(path: Path) -> pd.DataFrame:
+    """A training log (tidy CSV: step, split, metric, value)."""
+    return pd.read_csv(path)
+
+
+def fig_training_curves(logs: dict[str, pd.DataFrame], smooth: int = 10) -> Figure:
+    """Training loss (moving average) and validation loss per run, and the learning rate."""
+    fig = Figure(figsize=(11, 3.8))
+    loss_ax, lr_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for (name, log), colour in zip(logs.items(), sns.color_palette(n_colors=len(logs))):
+        train = log[(log.split == "train") & (log.metric == "loss")]
+        loss_ax.plot(train.step, train.value.rolling(smooth, min_periods=1).mean(), color=colour, label=f"{name} train")
+        val = log[(log.split == "validation") & (log.metric == "loss")]
+        loss_ax.plot(val.step, val.value, "o--", color=colour, label=f"{name} validation")
+        lr = log[(log.split == "train") & (log.metric == "lr")]
+        lr_ax.plot(lr.step, lr.value, color=colour, label=name)
+    loss_ax.set(xlabel="step", ylabel="denoising loss (MSE)", title="Loss")
+    lr_ax.set(xlabel="step", ylabel="learning rate", title="Schedule")
+    loss_ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fig_image_rows(rows: dict[str, np.ndarray], prompts: list[str]) -> Figure:
+    """A grid: one row per model (label on the left), one column per prompt (title on top)."""
+    import textwrap
+
+    fig = Figure(figsize=(2.4 * len(prompts), 2.6 * len(rows)))
+    for r, (label, images) in enumerate(rows.items()):
+        for c, image in enumerate(images):
+            ax = fig.add_subplot(len(rows), len(prompts), r * len(prompts) + c + 1)
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(textwrap.fill(prompts[c], 24), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_validation_progress(run_dir: Path) -> Figure:
+    """The validation grids a run saved, one row per validation step."""
+    paths = sorted((run_dir / "validation").glob("step-*.png"))
+    fig = Figure(figsize=(10, 1.6 * max(len(paths), 1)))
+    for k, path in enumerate(paths):
+        ax = fig.add_subplot(len(paths), 1, k + 1)
+        ax.imshow(np.asarray(Image.open(path)))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(f"step {int(path.stem.split('-')[1])}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_summary(results: dict) -> pd.DataFrame:
+    """Per run: steps and final training / validation loss (deterministic on CPU)."""
+    rows = {}
+    for name, result in results.items():
+        log = read_log(result.log)
+        last = {split: log[(log.split == split) & (log.metric == "loss")].value.iloc[-1] for split in ("train", "validation")}
+        rows[name] = {"steps": result.steps, "final train loss": round(last["train"], 4),
+                      "final validation loss": round(last["validation"], 4)}
+    return pd.DataFrame(rows).T
+
+
+def timing_summary(results: dict) -> pd.DataFrame:
+    """Per run: seconds per step, images per second and peak memory (these vary between runs)."""
+    return pd.DataFrame({name: {"s/step": round(r.seconds_per_step, 3), "images/s": round(r.images_per_second, 1),
+                                "peak memory (MB)": round(r.peak_memory_mb)} for name, r in results.items()}).T

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
@@ -31,6 +39,7 @@ ARCHITECTURES = {
     "tiny": {"channels": (16, 32, 32), "groups": 8, "cross_attention": 32, "text_width": 32, "text_layers": 1},
     "demo": {"channels": (32, 64, 64), "groups": 16, "cross_attention": 64, "text_width": 64, "text_layers": 2},
 }
+PROJECTION_FILE = "text_projection.safetensors"
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
                 "clip_sample": False, "steps_offset": 1}  # as Stable Diffusion 1.x ships it
@@ -65,6 +74,28 @@ class ProjectedTextEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.projection.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.projection.weight.device
+
+    @property
+    def config(self):
+        """The wrapped encoder's config (pipelines read flags such as use_attention_mask from it)."""
+        return self.encoder.config
+
+    def save(self, folder: Path) -> None:
+        """Encoder as a Hugging Face folder plus the projection as safetensors."""
+        self.encoder.save_pretrained(folder, safe_serialization=True)
+        save_file(self.projection.state_dict(), str(folder / PROJECTION_FILE))
+
+    @classmethod
+    def load(cls, folder: Path, width: int) -> "ProjectedTextEncoder":
+        """Read back what `save` wrote (or wrap a plain text model with a new projection)."""
+        encoder = cls(AutoModel.from_pretrained(folder, use_safetensors=True), width)
+        if (Path(folder) / PROJECTION_FILE).is_file():
+            encoder.projection.load_state_dict(load_file(str(Path(folder) / PROJECTION_FILE)))
+        return encoder
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return (self.projection(hidden),)
@@ -81,18 +112,34 @@ def load_base(name_or_path: str, text_encoder: str | None = None) -> Base:
                                 "(no model_index.json); build the project's base with `make base`")
     load = {"use_safetensors": True}
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **load)
-    base = Base(
-        vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **load),
-        unet=unet,
-        text_encoder=CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **load),
-        tokenizer=AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer"),
-        noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler"),
-    )
-    if text_encoder is not None:
-        encoder = AutoModel.from_pretrained(text_encoder, use_safetensors=True)
-        base.text_encoder = ProjectedTextEncoder(encoder, unet.config.cross_attention_dim)
-        base.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
-    return base
+    saved_projection = Path(name_or_path, "text_encoder", PROJECTION_FILE).is_file()
+    text_source = text_encoder or (str(Path(name_or_path, "text_encoder")) if saved_projection else None)
+    if text_source:
+        encoder = ProjectedTextEncoder.load(text_source, unet.config.cross_attention_dim)
+        tokenizer = AutoTokenizer.from_pretrained(text_source)
+        tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+    else:
+        encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **load)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+    return Base(vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **load), unet=unet,
+                text_encoder=encoder, tokenizer=tokenizer,
+                noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler"))
+
+
+def save_base(base: Base, folder: Path) -> None:
+    """Save as a diffusers pipeline folder (safetensors); a projected text encoder is saved beside it.
+
+    Folders with the standard CLIP encoder load with `StableDiffusionPipeline.from_pretrained`;
+    those with a domain text encoder load with `load_base` (diffusers cannot know our projection).
+    """
+    if not isinstance(base.text_encoder, ProjectedTextEncoder):
+        base.pipeline().save_pretrained(folder, safe_serialization=True)
+        return
+    for name in ("vae", "unet", "noise_scheduler"):
+        getattr(base, name).save_pretrained(Path(folder) / ("scheduler" if name == "noise_scheduler" else name))
+    base.text_encoder.save(Path(folder) / "text_encoder")
+    base.tokenizer.save_pretrained(Path(folder) / "text_encoder")
+    (Path(folder) / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "text_encoder": "projected"}\n')
 
 
 def build_components(profile: str, image_size: int, seed: int) -> Base:
@@ -131,6 +178,7 @@ def pretrain_vae(vae: AutoencoderKL, size: int, steps: int, batch_size: int, see
     Stable Diffusion's 0.18215 does for its VAE.
     """
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=learning_rate / 10)
     rng = np.random.default_rng([seed, 1])
     losses = []
     vae.train()
@@ -142,6 +190,7 @@ def pretrain_vae(vae: AutoencoderKL, size: int, steps: int, batch_size: int, see
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
     vae.eval()
     with torch.no_grad():
@@ -149,3 +198,65 @@ def pretrain_vae(vae: AutoencoderKL, size: int, steps: int, batch_size: int, see
         std = vae.encode(batch).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return losses
+
+
+def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: float = 1.0) -> StableDiffusionPipeline:
+    """A sampling pipeline: the base, a fine-tuned pipeline folder, or the base with a LoRA folder.
+
+    `finetuned` is what training wrote: `<run>/pipeline` (full) or `<run>/lora` (adapters).
+    """
+    source = str(finetuned) if finetuned is not None and (finetuned / "model_index.json").is_file() else base_path
+    pipe = load_base(source).pipeline()
+    if finetuned is not None and source == base_path:
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # a U-Net-only adapter is not worth a warning per load
+        try:
+            pipe.load_lora_weights(str(finetuned), adapter_name="finetuned")
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        pipe.set_adapters(["finetuned"], adapter_weights=[lora_scale])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample_grid(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int = 20,
+                guidance: float = 4.0) -> np.ndarray:
+    """One image per prompt, prompt k drawn with seed + k (DPM-Solver++), as a uint8 (N, H, W, 3) array."""
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    generators = [torch.Generator().manual_seed(seed + k) for k in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                  output_type="np").images
+    return np.round(images * 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: list, size: int, batch_size: int = 64) -> np.ndarray:
+    """Encode and decode images with the VAE (latent means); uint8 (N, size, size) grayscale."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        batch = images_to_tensor(images[i : i + batch_size], size)
+        decoded = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
+        out.append(((decoded.mean(dim=1) + 1) * 127.5).round().to(torch.uint8).numpy())
+    return np.concatenate(out)
+
+
+def reconstruction_by_finding(vae: AutoencoderKL, split, size: int, findings: tuple[str, ...], limit: int = 512):
+    """Mean absolute reconstruction error (grey levels) and PSNR of the VAE, per positive finding.
+
+    The frozen VAE bounds what any fine-tune can draw: a finding it cannot reconstruct
+    (say, a thin pleural line) cannot be generated either.
+    """
+    import pandas as pd
+
+    part = split.select(range(min(limit, len(split))))
+    originals = np.stack([np.asarray(im.convert("L").resize((size, size))) for im in part["image"]]).astype(float)
+    difference = reconstruct(vae, list(part["image"]), size).astype(float) - originals
+    errors, mse = np.abs(difference).mean(axis=(1, 2)), (difference**2).mean(axis=(1, 2))
+    rows = {}
+    for finding in findings:
+        chosen = np.array([v == 1.0 for v in part[finding]])
+        if chosen.any():
+            rows[finding] = {"images": int(chosen.sum()), "MAE (grey levels)": round(errors[chosen].mean(), 2),
+                             "PSNR (dB)": round(float(10 * np.log10(255**2 / mse[chosen].mean())), 2)}
+    return pd.DataFrame(rows).T

@@ -10,9 +10,8 @@ import contextlib
 from collections.abc import Iterator
 
 
-@contextlib.contextmanager
-def library_progress_bars(enabled: bool) -> Iterator[None]:
-    """Turn the datasets, diffusers, transformers and huggingface_hub progress bars on or off for a block."""
+def _switches() -> list[tuple]:
+    """(is_disabled, enable, disable) for each library's progress bars."""
     import datasets
     import diffusers.utils.logging as diffusers_logging
     import huggingface_hub.utils as hub_utils
@@ -26,11 +25,22 @@ def library_progress_bars(enabled: bool) -> Iterator[None]:
          transformers_logging.disable_progress_bar),
         (hub_utils.are_progress_bars_disabled, hub_utils.enable_progress_bars, hub_utils.disable_progress_bars),
     ]
-    was_disabled = [is_disabled() for is_disabled, _, _ in switches]
-    for _, enable, disable in switches:
+    return switches
+
+
+def show_library_progress(enabled: bool) -> None:
+    """Turn the datasets, diffusers, transformers and huggingface_hub progress bars on or off."""
+    for _, enable, disable in _switches():
         (enable if enabled else disable)()
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """The same switch for one block only, restoring each library's previous state afterwards."""
+    was_disabled = [is_disabled() for is_disabled, _, _ in _switches()]
+    show_library_progress(enabled)
     try:
         yield
     finally:
-        for (_, enable, disable), disabled in zip(switches, was_disabled):
+        for (_, enable, disable), disabled in zip(_switches(), was_disabled):
             (disable if disabled else enable)()

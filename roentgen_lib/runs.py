@@ -15,7 +15,6 @@ cell and error are printed, and the run stops.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import threading
 import time
@@ -64,20 +63,6 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
-    """`key=value` strings to a dict; values are Python literals when they parse, else strings."""
-    overrides: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise config.ConfigError(f"-p {pair!r}: expected key=value")
-        try:
-            overrides[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            overrides[key.strip()] = raw
-    return overrides
 
 
 def list_notebooks(only: Sequence[str] = (), notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
@@ -162,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default papermill_runs/<profile>)")
     args = parser.parse_args(argv)
     try:
-        records = run(args.profile, args.only, parse_overrides(args.params), args.out)
+        records = run(args.profile, args.only, config.parse_overrides(args.params), args.out)
     except config.ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

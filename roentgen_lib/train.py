@@ -10,12 +10,13 @@ step runs only what it trains. Checkpoints (see `checkpoints`) resume to the sam
 Usage::
 
     cfg = config.resolve("demo", method="lora", train_text_encoder=True)
-    result = train_model(cfg, *load_pairs(cfg.dataset_path))
+    result = finetune(cfg)
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import resource
 import shutil
@@ -23,12 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -38,9 +37,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from roentgen_lib.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
-from roentgen_lib.config import Config
+from roentgen_lib.config import VARIANTS, Config
+from roentgen_lib.data.dataset import load as load_dataset
 from roentgen_lib.files import replace_dir, temporary_sibling, write_json_atomic
-from roentgen_lib.models import Base, images_to_tensor, load_base
+from roentgen_lib.models import Base, images_to_tensor, load_base, sample_grid, save_base
 from roentgen_lib.progress import library_progress_bars
 
 CAPTION_DROPOUT = 0.1  # share of prompts replaced by "" so classifier-free guidance works
@@ -73,9 +73,9 @@ class TrainResult:
     peak_memory_mb: float
 
 
-def load_pairs(dataset_path: Path, split: str) -> tuple[list[Image.Image], list[str]]:
-    """Images and prompts of one split of a dataset built by 01_data_prep."""
-    part = datasets.load_from_disk(str(dataset_path))[split]
+def load_pairs(cfg: Config, split: str) -> tuple[list[Image.Image], list[str]]:
+    """Images and prompts of one split of the dataset 01_data_prep built for `cfg`."""
+    part = load_dataset(cfg)[split]
     return list(part["image"]), list(part["prompt"])
 
 
@@ -210,21 +210,6 @@ def validation_loss(base: Base, pairs: Pairs, cfg: Config, device: torch.device,
     return float(np.mean(losses)) if losses else float("nan")
 
 
-@torch.no_grad()
-def validation_grid(base: Base, prompts: list[str], seed: int, steps: int = 20, guidance: float = 4.0) -> Image.Image:
-    """One image per prompt (fixed seeds), side by side, from the current weights."""
-    pipe = base.pipeline()
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    device = next(base.unet.parameters()).device
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                  output_type="np").images
-    row = np.concatenate(list(np.round(images * 255).astype(np.uint8)), axis=1)
-    del pipe, device
-    return Image.fromarray(row)
-
-
 def trained_parameters(models: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
     """The parameters that receive gradients, in a fixed order."""
     return [p for m in models.values() for p in m.parameters() if p.requires_grad]
@@ -235,12 +220,30 @@ def trained_state(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, tor
     return {name: {k: p.detach() for k, p in m.named_parameters() if p.requires_grad} for name, m in models.items()}
 
 
-def restore(run_dir: Path, models, optimizer, lr_scheduler, ema) -> int:
+# Fields that may change between a run and its resumption (they do not change what is trained).
+RESUMABLE_CHANGES = {"max_steps", "resume", "progress", "validation_every", "checkpoint_every",
+                     "checkpoints_total_limit", "validation_prompts", "figures_dir", "run_name", "models_dir",
+                     "output_dir", "base_model", "full_variants"}
+
+
+def check_same_run(saved: dict, cfg: Config, folder: Path) -> None:
+    """Refuse to resume a checkpoint made with different training settings."""
+    current = cfg.to_dict()
+    changed = sorted(k for k, v in saved.items() if k not in RESUMABLE_CHANGES and current.get(k) != v)
+    if changed:
+        raise ValueError(f"{folder} was written with different {', '.join(changed)}; use another run_name "
+                         "or resume=False to start over")
+
+
+def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) -> int:
     """Load the latest checkpoint of a run into the training objects; return its step (0 if none)."""
     folder = latest_checkpoint(run_dir)
     if folder is None:
         return 0
     step, states = read_checkpoint(folder)
+    if "run" not in states:
+        raise ValueError(f"{folder} records no run settings (written by an older version); use resume=False")
+    check_same_run(states["run"], cfg, folder)
     for name, model in models.items():
         missing, unexpected = model.load_state_dict(states["models"][name], strict=False)
         if unexpected or set(states["models"][name]) - {k for k, _ in model.named_parameters()}:
@@ -282,7 +285,7 @@ def save_outputs(base: Base, models: dict[str, torch.nn.Module], cfg: Config, ru
     work = temporary_sibling(target)
     try:
         if cfg.method == "full":
-            base.pipeline().save_pretrained(work, safe_serialization=True)
+            save_base(base, work)
         else:
             layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m, save_embedding_layers=False))
                       for name, m in models.items()}
@@ -336,7 +339,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_steps)
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay else None
-    start = restore(run_dir, models, optimizer, lr_scheduler, ema) if cfg.resume else 0
+    start = restore(run_dir, models, optimizer, lr_scheduler, ema, cfg) if cfg.resume else 0
     prepared = accelerator.prepare(*models.values())
     wrapped = dict(zip(models, prepared if len(models) > 1 else (prepared,)))
     optimizer = accelerator.prepare(optimizer)
@@ -374,7 +377,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
         if step % cfg.validation_every == 0 or step == cfg.max_steps:
             validate(base, models, val, cfg, device, run_dir, step, log if main else None)
         if step % cfg.checkpoint_every == 0 and main:
-            states = {"models": trained_state(models), "optimizer": optimizer.state_dict(),
+            states = {"run": cfg.to_dict(), "models": trained_state(models), "optimizer": optimizer.state_dict(),
                       "lr_scheduler": lr_scheduler.state_dict(), **({"ema": ema.state_dict()} if ema else {})}
             write_checkpoint(run_dir, step, states, cfg.checkpoints_total_limit)
         accelerator.wait_for_everyone()
@@ -382,11 +385,11 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     if ema is not None:
         ema.copy_to(params)
     steps_run = cfg.max_steps - start
-    seconds_per_step = train_seconds / max(steps_run, 1)
+    seconds_per_step = train_seconds / steps_run if steps_run else math.nan
     output = save_outputs(base, models, cfg, run_dir) if main else run_dir
     result = TrainResult(run_dir=run_dir, output_dir=output, log=run_dir / "log.csv", steps=cfg.max_steps,
-                         seconds_per_step=seconds_per_step, images_per_second=images_per_step / seconds_per_step
-                         if steps_run else math.nan, peak_memory_mb=peak_memory_mb(device))
+                         seconds_per_step=seconds_per_step, images_per_second=images_per_step / seconds_per_step,
+                         peak_memory_mb=peak_memory_mb(device))
     if main:
         write_json_atomic(run_dir / "run.json", {"config": cfg.to_dict(), "base_model": base_path or cfg.base_model_path,
                                                  "processes": world, **{k: str(v) if isinstance(v, Path) else v
@@ -403,8 +406,41 @@ def validate(base: Base, models, val: Pairs, cfg: Config, device, run_dir: Path,
     loss = validation_loss(base, val, cfg, device)
     if log is not None:
         log.add(step, "validation", loss=loss)
-        grid = validation_grid(base, cfg.prompts_for_validation, cfg.seed)
+        pipe = base.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        grid = np.concatenate(list(sample_grid(pipe, cfg.prompts_for_validation, cfg.seed)), axis=1)
         (run_dir / "validation").mkdir(exist_ok=True)
-        grid.save(run_dir / "validation" / f"step-{step:06d}.png")
+        Image.fromarray(grid).save(run_dir / "validation" / f"step-{step:06d}.png")
     for model in models.values():
         model.train()
+
+
+def finetune(cfg: Config) -> TrainResult:
+    """Fine-tune on the dataset 01_data_prep wrote (train split; validation split held out)."""
+    return train_model(cfg, load_pairs(cfg, "train"), load_pairs(cfg, "validation"))
+
+
+def variant_configs(cfg: Config) -> dict[str, Config]:
+    """One full fine-tuning config per component variant named in `cfg.full_variants`."""
+    return {name: dataclasses.replace(cfg, method="full", train_unet=VARIANTS[name][0],
+                                      train_text_encoder=VARIANTS[name][1], run_name=None)
+            for name in cfg.variant_names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m roentgen_lib.train --profile tiny -p method=lora` (also under `accelerate launch`)."""
+    import argparse
+
+    from roentgen_lib import config
+
+    parser = argparse.ArgumentParser(prog="python -m roentgen_lib.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="demo", choices=config.PROFILE_NAMES)
+    parser.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    result = finetune(config.resolve(args.profile, **config.parse_overrides(args.params)))
+    print(f"saved {result.output_dir} ({result.images_per_second:.0f} images/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

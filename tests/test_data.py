@@ -4,12 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_mimic_tree
 
 from roentgen_lib import config
 from roentgen_lib.data import dataset, masks, mimic, phantom
 from roentgen_lib.text.labels import label_report
-
-from conftest import write_mimic_tree
 
 
 @pytest.fixture(scope="module")

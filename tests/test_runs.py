@@ -18,10 +18,10 @@ def write_notebook(path, body):
 
 
 def test_parse_overrides_reads_literals():
-    assert runs.parse_overrides(["seed=3", "data_source=mimic", "n_images=None"]) == {
+    assert config.parse_overrides(["seed=3", "data_source=mimic", "n_images=None"]) == {
         "seed": 3, "data_source": "mimic", "n_images": None}
     with pytest.raises(config.ConfigError, match="expected key=value"):
-        runs.parse_overrides(["seed"])
+        config.parse_overrides(["seed"])
 
 
 def test_bad_parameters_stop_before_running(tmp_path):

@@ -181,3 +181,11 @@ def skip_table(counts: dict[str, int]) -> pd.DataFrame:
 def read_manifest(path: Path) -> dict:
     """The manifest `build_dataset` wrote into a dataset folder."""
     return json.loads((path / MANIFEST).read_text())
+
+
+def load(cfg: Config) -> datasets.DatasetDict:
+    """The dataset 01_data_prep wrote for this config, with a clear error when it is missing."""
+    if not (cfg.dataset_path / MANIFEST).is_file():
+        raise FileNotFoundError(f"no dataset at {cfg.dataset_path}: run 01_data_prep first "
+                                f"(python -m roentgen_lib.runs --profile {cfg.profile} --only 01_data_prep)")
+    return datasets.load_from_disk(str(cfg.dataset_path))

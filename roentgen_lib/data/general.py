@@ -5,14 +5,16 @@ pretrained on this procedurally generated world (no X-rays), so CXR fine-tuning 
 adaptation, and forgetting of the general domain can be measured afterwards. A scene is a background
 (flat, gradient or striped) with one or two shapes, each with a colour, a size and a position that
 the caption names: "a large red circle on the left and a small blue square at the top, on a striped
-yellow background". A third of the scenes are blurred ("a blurry photo of ..."), so the autoencoder
-also learns the soft edges and smooth gradients that radiographs are made of.
+yellow background". A quarter of the scenes are blurred ("a blurry photo of ...") and a quarter are
+black and white ("a black and white photo of ..."), as in any large photo collection; they teach the
+autoencoder the soft edges, smooth gradients and grey levels that radiographs are made of.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from scipy import ndimage
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
@@ -23,7 +25,7 @@ SHAPES = ("circle", "square", "triangle", "ring", "cross")
 SIZES = {"small": 0.16, "large": 0.32}
 POSITIONS = {"on the left": (0.28, 0.5), "on the right": (0.72, 0.5), "at the top": (0.5, 0.28),
              "at the bottom": (0.5, 0.72), "in the centre": (0.5, 0.5)}
-BACKGROUNDS = ("plain", "gradient", "striped", "noisy")
+BACKGROUNDS = ("plain", "gradient", "striped", "noisy", "mottled")
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], radius: float,
@@ -56,7 +58,32 @@ def background(kind: str, colour: tuple[int, int, int], size: int, rng: np.rando
         base = base * (0.6 + 0.4 * (np.sin(2 * np.pi * np.arange(size) / period) > 0))[:, None, None]
     elif kind == "noisy":
         base = base * np.clip(0.75 + 0.25 * rng.standard_normal((size, size, 1)), 0, 1.2)
+    elif kind == "mottled":
+        field = ndimage.gaussian_filter(rng.standard_normal((size, size)), rng.uniform(1, 6) * size / 64)
+        base = base * np.clip(0.7 + 0.3 * field[..., None] / (field.std() + 1e-8), 0, 1.3)
     return np.clip(base, 0, 255)
+
+
+def add_clutter(draw: ImageDraw.ImageDraw, size: int, rng: np.random.Generator) -> None:
+    """Uncaptioned detail: thin lines and curves, dots and faint blobs, as real photographs have.
+
+    Captions never describe everything; this detail is what teaches the autoencoder to keep thin
+    structures and small spots (a radiograph's pleural line, a catheter, a nodule).
+    """
+    for _ in range(rng.integers(2, 7)):
+        shade = tuple(int(v) for v in rng.integers(0, 256, 3))
+        kind = rng.integers(3)
+        points = [tuple(float(v) for v in rng.uniform(0, size, 2)) for _ in range(rng.integers(2, 5))]
+        if kind == 0:
+            draw.line(points, fill=shade, width=int(rng.integers(1, 3)))
+        elif kind == 1:
+            r = rng.uniform(0.5, 2.5) * size / 64
+            x, y = points[0]
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=shade)
+        else:
+            x, y = points[0]
+            rx, ry = rng.uniform(0.05, 0.2, 2) * size
+            draw.ellipse((x - rx, y - ry, x + rx, y + ry), outline=shade, width=1)
 
 
 def render_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
@@ -65,6 +92,7 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]
     bg_kind, bg_colour = str(rng.choice(BACKGROUNDS)), str(rng.choice(names))
     image = Image.fromarray(background(bg_kind, COLOURS[bg_colour], size, rng).astype(np.uint8))
     draw = ImageDraw.Draw(image)
+    add_clutter(draw, size, rng)
     parts = []
     positions = rng.permutation(list(POSITIONS))[: rng.integers(1, 3)]
     for position in positions:
@@ -75,7 +103,11 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]
         parts.append(f"a {size_name} {colour} {shape} {position}")
     background_words = "" if bg_kind == "plain" else f"{bg_kind} "
     caption = f"{' and '.join(parts)}, on a {background_words}{bg_colour} background"
-    if rng.random() < 1 / 3:
+    style = rng.random()
+    if style < 0.25:
         image = image.filter(ImageFilter.GaussianBlur(radius=size / 40))
         caption = f"a blurry photo of {caption}"
+    elif style < 0.5:
+        image = image.convert("L").convert("RGB")
+        caption = f"a black and white photo of {caption}"
     return image, caption

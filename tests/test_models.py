@@ -1,0 +1,73 @@
+"""Tiny SD components, loading a base from a local folder, the text-encoder override, the general domain."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from roentgen_lib import models
+from roentgen_lib.data.general import render_scene
+from roentgen_lib.text.tokenizer import VOCAB_SIZE
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base")
+    models.build_components("tiny", 32, seed=0).pipeline().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_tiny_components_have_sd_structure():
+    base = models.build_components("tiny", 32, seed=0)
+    assert base.unet.config.cross_attention_dim == base.text_encoder.config.hidden_size == 32
+    assert base.text_encoder.config.vocab_size == len(base.tokenizer) == VOCAB_SIZE
+    latents = base.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8) and base.unet.config.sample_size == 8
+
+
+def test_general_domain_scenes_are_deterministic_and_captioned():
+    image, caption = render_scene(np.random.default_rng(3), 64)
+    again, same = render_scene(np.random.default_rng(3), 64)
+    assert image.size == (64, 64) and caption == same and np.array_equal(np.asarray(image), np.asarray(again))
+    assert " background" in caption and any(s in caption for s in ("circle", "square", "triangle", "ring", "cross"))
+
+
+def test_load_base_reads_a_local_diffusers_folder(tiny_base_dir):
+    base = models.load_base(str(tiny_base_dir))
+    assert type(base.unet).__name__ == "UNet2DConditionModel"
+    assert base.tokenizer("large left pleural effusion").input_ids[0] == 49406
+    assert not list(tiny_base_dir.rglob("*.bin")), "weights are saved as safetensors only"
+
+
+def test_load_base_names_a_folder_that_is_not_a_pipeline(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        models.load_base(str(tmp_path))
+
+
+def make_text_model(folder):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "large", "left", "pleural", "effusion", "no"]
+    (folder / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=77)
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+
+
+def test_text_encoder_override_projects_to_cross_attention(tiny_base_dir, tmp_path):
+    make_text_model(tmp_path)
+    base = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path))
+    ids = base.tokenizer(["large left pleural effusion"], padding="max_length", max_length=77, return_tensors="pt")
+    states = base.text_encoder(ids.input_ids)[0]
+    assert states.shape == (1, 77, base.unet.config.cross_attention_dim)
+    saved = tmp_path / "saved"
+    models.save_base(base, saved)
+    again = models.load_base(str(saved))
+    assert torch.equal(again.text_encoder(ids.input_ids)[0], states)
+    image = again.pipeline()("no effusion", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_pretrained_vae_gets_a_unit_variance_scaling_factor():
+    base = models.build_components("tiny", 32, seed=0)
+    losses = models.pretrain_vae(base.vae, 32, steps=3, batch_size=4, seed=0, progress=False)
+    assert len(losses) == 3 and base.vae.config.scaling_factor != 0.18215
