@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -46,13 +48,35 @@ def pretraining_config(cfg: config.Config) -> config.Config:
                                validation_prompts=GENERAL_VALIDATION_PROMPTS, resume=False, text_encoder=None)
 
 
+RECIPE_FILES = ("models.py", "train.py", "pretrain.py", "data/general.py")
+
+
+def recipe(cfg: config.Config) -> dict:
+    """What determines the project's base: the settings used and a hash of the code that builds it.
+
+    A cached base whose recipe differs (code or settings changed) is rebuilt, so a stale base never
+    silently stands in for the one this code would build.
+    """
+    digest = hashlib.sha256()
+    for name in RECIPE_FILES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    settings = ("profile", "image_size", "seed", "base_images", "base_vae_steps", "base_steps", "batch_size")
+    return {"code": digest.hexdigest(), **{k: getattr(cfg, k) for k in settings}}
+
+
 def base_exists(cfg: config.Config) -> bool:
-    """True when the project's base for this profile is already built."""
-    return (Path(cfg.base_model_path) / "model_index.json").is_file()
+    """True when the base at `cfg.base_model_path` is usable: any given base, or our own built by this recipe."""
+    folder = Path(cfg.base_model_path)
+    if not (folder / "model_index.json").is_file():
+        return False
+    if cfg.base_model is not None:
+        return True
+    built = folder / "base.json"
+    return built.is_file() and json.loads(built.read_text()).get("recipe") == recipe(cfg)
 
 
 def build_base(cfg: config.Config, force: bool = False) -> Path:
-    """Pretrain and save the project's base for `cfg.profile` unless it exists (or `force`)."""
+    """Pretrain and save the project's base for `cfg.profile` unless it exists with this recipe (or `force`)."""
     target = Path(cfg.base_model_path)
     if base_exists(cfg) and not force:
         return target
@@ -71,9 +95,8 @@ def build_base(cfg: config.Config, force: bool = False) -> Path:
                              base_path=str(work / "initial"), run_dir=work / "run")
         shutil.copy(result.log, result.output_dir / "pretraining_log.csv")
         write_json_atomic(result.output_dir / "base.json", {
-            "profile": cfg.profile, "image_size": cfg.image_size, "seed": cfg.seed, "general_images": cfg.base_images,
-            "vae_steps": cfg.base_vae_steps, "vae_final_l1": float(np.mean(vae_losses[-10:])),
-            "unet_text_steps": cfg.base_steps, "seconds": round(time.perf_counter() - start, 1)})
+            "recipe": recipe(cfg), "vae_final_l1": float(np.mean(vae_losses[-10:])),
+            "seconds": round(time.perf_counter() - start, 1)})
         replace_dir(result.output_dir, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

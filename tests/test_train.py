@@ -115,6 +115,13 @@ def test_full_output_is_a_diffusers_pipeline(tiny_world):
     assert result.images_per_second > 0 and result.peak_memory_mb > 0
 
 
+def test_base_recipe_tracks_settings_and_code():
+    cfg = config.resolve("tiny")
+    assert pretrain.recipe(cfg) == pretrain.recipe(config.resolve("tiny"))
+    assert pretrain.recipe(cfg) != pretrain.recipe(config.resolve("tiny", base_steps=21))
+    assert len(pretrain.recipe(cfg)["code"]) == 64
+
+
 def test_two_processes_train_and_checkpoint(tiny_world, tmp_path):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     params = [f"output_dir={tiny_world.output_dir}", f"base_model={tiny_world.base_model}",
