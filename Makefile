@@ -36,6 +36,10 @@ tiny-runs: setup
 bench: setup
 	$(PY) tests/bench/bench_labeler.py
 
+# Our training loop against diffusers' train_text_to_image.py (kept in the ignored .reference/).
+bench-train: setup
+	$(PY) tests/bench/bench_train.py
+
 # Our U-Net fine-tuning loop against diffusers' train_text_to_image.py (fetched into .reference/; see the script).
 bench-train: setup
 	$(PY) tests/bench/bench_train.py
