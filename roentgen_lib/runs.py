@@ -115,15 +115,14 @@ def run(profile: str, only: Sequence[str] = (), overrides: dict | None = None,
     """Run the notebooks of a profile; stop at the first failure. Returns one record per notebook."""
     overrides = overrides or {}
     cfg = config.resolve(profile, **overrides)  # refuse bad parameters before anything runs
-    notebooks = list_notebooks(only, notebooks_dir)
-    declared = set().union(*(notebook_parameters(nb) for nb in notebooks))
-    unused = set(overrides) - declared
+    declared = {nb: notebook_parameters(nb) for nb in list_notebooks(only, notebooks_dir)}
+    unused = set(overrides) - set().union(*declared.values())
     if unused:
         raise config.ConfigError(f"parameters {sorted(unused)} are not declared by any selected notebook")
     out_dir = out_dir or RUNS_DIR / profile
     records = []
-    for notebook in tqdm(notebooks, desc=f"notebooks ({profile})", unit="nb"):
-        params = {"profile": profile, **{k: v for k, v in overrides.items() if k in notebook_parameters(notebook)}}
+    for notebook, names in tqdm(declared.items(), desc=f"notebooks ({profile})", unit="nb"):
+        params = {"profile": profile, **{k: v for k, v in overrides.items() if k in names}}
         record = run_notebook(notebook, params, out_dir)
         record.update(profile=profile, config=cfg.to_dict(), datasets=dataset_summaries(cfg),
                       git=git_state(), packages=package_versions(), machine=machine())
