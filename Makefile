@@ -40,9 +40,5 @@ bench: setup
 bench-train: setup
 	$(PY) tests/bench/bench_train.py
 
-# Our U-Net fine-tuning loop against diffusers' train_text_to_image.py (fetched into .reference/; see the script).
-bench-train: setup
-	$(PY) tests/bench/bench_train.py
-
 clean:
 	rm -rf data papermill_runs/demo papermill_runs/paper
