@@ -95,9 +95,8 @@ def plan_mimic(cfg: Config) -> tuple[list[dict], Counter]:
     return rows.to_dict("records"), Counter(skipped)
 
 
-def record(image: np.ndarray | Image.Image, prompt: str, row: dict, study_id: str, drawn: str) -> dict:
-    """One dataset row in the shared schema."""
-    labels = label_report(prompt)
+def record(image: np.ndarray | Image.Image, prompt: str, labels: dict, row: dict, study_id: str, drawn: str) -> dict:
+    """One dataset row in the shared schema (`labels`: `label_report(prompt)`)."""
     return {"image": image if isinstance(image, Image.Image) else Image.fromarray(image),
             "prompt": prompt, **label_vector(labels), "subject_id": str(row["subject_id"]),
             "study_id": study_id, "image_id": str(row.get("image_id", row.get("dicom_id"))),
@@ -110,8 +109,9 @@ def phantom_records(rows: list[dict], size: int, seed: int, progress: bool) -> I
     for row in tqdm(rows, desc=f"render {rows[0]['split']}", disable=not progress):
         rng = np.random.default_rng([seed, row["index"]])
         mask = masks[rng.integers(len(masks))]
-        image, drawn = render(label_report(row["prompt"]), mask, rng, size, tuple(device_kinds(row["prompt"])))
-        yield record(image, row["prompt"], row, row["image_id"], json.dumps(drawn, sort_keys=True))
+        labels = label_report(row["prompt"])
+        image, drawn = render(labels, mask, rng, size, tuple(device_kinds(row["prompt"])))
+        yield record(image, row["prompt"], labels, row, row["image_id"], json.dumps(drawn, sort_keys=True))
 
 
 def mimic_records(rows: list[dict], size: int, mimic_root: str, reports_root: str,
@@ -122,7 +122,7 @@ def mimic_records(rows: list[dict], size: int, mimic_root: str, reports_root: st
         if isinstance(pair, str):
             skipped[pair] = skipped.get(pair, 0) + 1
             continue
-        yield record(pair[0], pair[1], row, str(row["study_id"]), "")
+        yield record(pair[0], pair[1], label_report(pair[1]), row, str(row["study_id"]), "")
 
 
 def generate_split(cfg: Config, rows: list[dict], skipped: dict, cache_dir: Path) -> datasets.Dataset:
