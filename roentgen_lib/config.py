@@ -32,6 +32,11 @@ DataSource = Literal["phantom", "mimic"]
 FineTuneMethod = Literal["full", "lora"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+Scheduler = Literal["dpmsolver++", "ddim", "euler", "euler_ancestral", "pndm"]
+# Fields read only by sampling: changing them never changes what training produces.
+SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scale", "negative_prompt", "lora_scale",
+                   "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts", "guidance_sweep",
+                   "steps_sweep", "edit_strength")
 # Which components a full fine-tune adapts: (train_unet, train_text_encoder).
 VARIANTS = {"unet": (True, False), "text_encoder": (False, True), "both": (True, True)}
 
@@ -94,6 +99,20 @@ class Config:
     )  # "|"-separated prompts rendered at each validation
     resume: bool = True  # continue from the latest checkpoint of the run if there is one
     full_variants: str = "unet,text_encoder,both"  # components 03_finetune_full adapts, one run each
+    # --- sampling (04_sampling) ---
+    sample_model: str = "full_unet_te"  # run folder under models_dir to sample from, or "base"
+    scheduler: Scheduler = "dpmsolver++"  # sampling scheduler
+    sampling_steps: int = 20  # denoising steps per image
+    guidance_scale: float = 4.0  # classifier-free guidance; 1 turns it off
+    negative_prompt: str = ""  # what to steer away from ("" none)
+    lora_scale: float = 1.0  # strength of LoRA adapters when sampling a LoRA run (0 = the base)
+    images_per_prompt: int = 4  # synthetic images per prompt (4, as RoentGen's diversity evaluation)
+    sample_batch_size: int = 64  # images per sampler call
+    synthetic_dir: str | None = None  # synthetic dataset folder; None: data/<profile>/synthetic
+    synthetic_prompts: str = "test,specs"  # comma list of sources: a split name, "specs", or a .csv path
+    guidance_sweep: str = "1,2,4,8"  # guidance scales compared in 04
+    steps_sweep: str = "5,10,20,40"  # step counts compared in 04
+    edit_strength: float = 0.7  # image-to-image strength of counterfactual edits (0 keeps, 1 redraws)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -127,7 +146,7 @@ class Config:
         """Folder of this fine-tuning run: checkpoints, logs, validation grids, final weights."""
         targets = "_".join(t for t, on in (("unet", self.train_unet), ("te", self.train_text_encoder)) if on)
         name = self.run_name or f"{self.method}_{targets}"
-        return project_path(self.models_dir or f"data/{self.profile}/models") / name
+        return self.models_path / name
 
     @property
     def prompts_for_validation(self) -> list[str]:
@@ -138,6 +157,16 @@ class Config:
     def variant_names(self) -> list[str]:
         """The components 03_finetune_full adapts, in order."""
         return [v.strip() for v in self.full_variants.split(",") if v.strip()]
+
+    @property
+    def synthetic_path(self) -> Path:
+        """Absolute folder of the synthetic dataset 04_sampling writes and 05_evaluation reads."""
+        return project_path(self.synthetic_dir or f"data/{self.profile}/synthetic")
+
+    @property
+    def models_path(self) -> Path:
+        """Folder holding one sub-folder per fine-tuning run."""
+        return project_path(self.models_dir or f"data/{self.profile}/models")
 
     @property
     def reports_root(self) -> str | None:
@@ -242,14 +271,14 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
     positive = ("base_images", "base_vae_steps", "base_steps", "lora_rank", "lora_alpha", "batch_size",
                 "gradient_accumulation", "max_steps", "checkpoint_every", "checkpoints_total_limit",
-                "validation_every")
+                "validation_every", "sampling_steps", "images_per_prompt", "sample_batch_size")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(cfg, name)}")
     for name in ("learning_rate", "max_grad_norm"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
-    for name in ("snr_gamma", "noise_offset", "lr_warmup_steps"):
+    for name in ("snr_gamma", "noise_offset", "lr_warmup_steps", "lora_scale"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
@@ -262,6 +291,28 @@ def check_values(cfg: Config) -> None:
     for name in ("val_fraction", "test_fraction"):
         if not 0.0 <= getattr(cfg, name) < 0.5:
             raise ConfigError(f"parameter {name!r} must be in [0, 0.5), got {getattr(cfg, name)}")
+    if cfg.guidance_scale < 1.0:
+        raise ConfigError(f"parameter 'guidance_scale' must be >= 1 (1 turns guidance off), got {cfg.guidance_scale}")
+    if not 0.0 < cfg.edit_strength <= 1.0:
+        raise ConfigError(f"parameter 'edit_strength' must be in (0, 1], got {cfg.edit_strength}")
+    check_sweep(cfg, "guidance_sweep", float, 1.0)
+    check_sweep(cfg, "steps_sweep", int, 1)
+
+
+def number_list(text: str, kind: type) -> list:
+    """"1,2,4" to [1, 2, 4] (as `kind`); raises ValueError on anything else."""
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+def check_sweep(cfg: Config, name: str, kind: type, minimum: float) -> None:
+    """A sweep parameter must be a non-empty comma list of numbers >= minimum."""
+    try:
+        values = number_list(getattr(cfg, name), kind)
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum:
+        raise ConfigError(f"parameter {name!r} must be a comma list of {kind.__name__}s >= {minimum:g}, "
+                          f"got {getattr(cfg, name)!r}")
 
 
 def check_required(cfg: Config) -> None:
@@ -299,7 +350,8 @@ def shipped_file(package: str, relative: str) -> Path:
 PROFILES: dict[str, Config] = {
     "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, base_images=64,
                    base_vae_steps=20, base_steps=20, batch_size=8, max_steps=12, lr_warmup_steps=2,
-                   checkpoint_every=6, validation_every=6),
+                   checkpoint_every=6, validation_every=6, sampling_steps=4, images_per_prompt=2,
+                   sample_batch_size=8, guidance_sweep="1,4", steps_sweep="2,4"),
     "demo": Config(profile="demo", n_images=3000, image_size=64),
     "paper": Config(profile="paper", data_source="mimic", n_images=None, image_size=512,
                     base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=1e-5,

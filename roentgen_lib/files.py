@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -23,6 +23,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
         tmp.write("\n")
     os.chmod(tmp.name, 0o644)  # mkstemp makes files private; manifests are meant to be read
     os.replace(tmp.name, path)
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(temporary_path)`, then rename the result to `path` (never a half-written `path`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(Path(name))
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def temporary_sibling(path: Path) -> Path:

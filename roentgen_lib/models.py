@@ -220,14 +220,32 @@ def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: flo
 
 
 @torch.no_grad()
+def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                    negative_prompt: str = "", batch_size: int = 64, progress: bool = False,
+                    **call_args) -> np.ndarray:
+    """Images for `prompts`, image k drawn from its own generator seeded `seeds[k]`, in fixed batches.
+
+    Each image depends only on its prompt and seed (and the batch it falls in, to float rounding),
+    so any image can be regenerated alone. `call_args` go to the pipeline (e.g. `image=`,
+    `strength=` for image-to-image). Returns uint8 (N, H, W, 3).
+    """
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sample", unit="batch", disable=not progress):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
+        batch_args = {k: v[chunk] if isinstance(v, list) else v for k, v in call_args.items()}
+        images = pipe(prompts[chunk], negative_prompt=[negative_prompt] * len(generators) if negative_prompt else None,
+                      num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                      output_type="np", **batch_args).images
+        out.append(np.round(images * 255).astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+
+
 def sample_grid(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, steps: int = 20,
                 guidance: float = 4.0) -> np.ndarray:
     """One image per prompt, prompt k drawn with seed + k (DPM-Solver++), as a uint8 (N, H, W, 3) array."""
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    generators = [torch.Generator().manual_seed(seed + k) for k in range(len(prompts))]
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                  output_type="np").images
-    return np.round(images * 255).astype(np.uint8)
+    return generate_images(pipe, prompts, [seed + k for k in range(len(prompts))], steps, guidance)
 
 
 @torch.no_grad()

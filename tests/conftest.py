@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from roentgen_lib import config
+from roentgen_lib import config, models
+from roentgen_lib.data import dataset
 
 REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
@@ -23,6 +24,19 @@ REPORT = """                                 FINAL REPORT
  IMPRESSION:
  Small right ___ pleural effusion.  No pneumothorax.
 """
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The tiny dataset and base, built in a temporary folder."""
+    root = tmp_path_factory.mktemp("world")
+    cfg = config.resolve("tiny", output_dir=str(root / "dataset"), base_model=str(root / "base"),
+                         models_dir=str(root / "models"))
+    dataset.build_dataset(cfg)
+    base = models.build_components("tiny", 32, seed=0)
+    models.pretrain_vae(base.vae, 32, steps=2, batch_size=4, seed=0, progress=False)
+    base.pipeline().save_pretrained(root / "base", safe_serialization=True)
+    return cfg
 
 
 @pytest.fixture

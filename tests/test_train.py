@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from roentgen_lib import checkpoints, config, models, pretrain, train
-from roentgen_lib.data import dataset
 
 
 def test_batch_indices_cover_an_epoch_and_split_across_processes():
@@ -35,19 +34,6 @@ def test_checkpoint_state_round_trip(tmp_path):
     assert step == 15 and states["optimizer"]["param_groups"] == state["param_groups"]
     assert torch.equal(states["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
     assert {p.suffix for p in tmp_path.rglob("*.*") if p.is_file()} <= {".json", ".safetensors"}
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    """The tiny dataset and base, built in a temporary folder."""
-    root = tmp_path_factory.mktemp("world")
-    cfg = config.resolve("tiny", output_dir=str(root / "dataset"), base_model=str(root / "base"),
-                         models_dir=str(root / "models"))
-    dataset.build_dataset(cfg)
-    base = models.build_components("tiny", 32, seed=0)
-    models.pretrain_vae(base.vae, 32, steps=2, batch_size=4, seed=0, progress=False)
-    base.pipeline().save_pretrained(root / "base", safe_serialization=True)
-    return cfg
 
 
 def run(cfg, **overrides):

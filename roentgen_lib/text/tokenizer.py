@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from roentgen_lib.config import shipped_file
@@ -49,11 +49,12 @@ def token_lengths(prompts: Iterable[str]) -> np.ndarray:
     return np.array([len(i) for i in ids])
 
 
-def truncated_part(prompt: str) -> str:
-    """The text a 77-token context drops from a prompt ("" when it fits)."""
-    tokenizer = load_clip_tokenizer()
+def truncated_part(prompt: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """The text a tokenizer's context drops from a prompt ("" when it fits); default: CLIP's 77 tokens."""
+    tokenizer = tokenizer or load_clip_tokenizer()
+    keep = tokenizer.model_max_length - len(tokenizer("", verbose=False)["input_ids"])  # room left by start/end markers
     ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    return tokenizer.decode(ids[CONTEXT_LENGTH - 2 :]) if len(ids) > CONTEXT_LENGTH - 2 else ""
+    return tokenizer.decode(ids[keep:]) if len(ids) > keep else ""
 
 
 def length_summary(lengths: np.ndarray) -> pd.DataFrame:

@@ -1,0 +1,307 @@
+"""Sample from the base or a fine-tuned model: text-to-image, counterfactual edits, inpainting and
+outpainting. Synthetic datasets are built on top of this in `synthetic`.
+
+Every image is drawn from its own seeded generator, so a (model, prompt, seed, settings) tuple names
+one image. Bad input (an empty prompt, an unknown scheduler, a missing run folder, a mask of the
+wrong size) raises `SamplingError` naming the problem before diffusers is called; a prompt longer
+than the text encoder's context warns and shows the part that is dropped.
+
+Usage::
+
+    cfg = config.resolve("demo")
+    model = load_model(cfg, "full_unet_te")            # "base", "lora_unet", ... (see available_models)
+    images = generate(model, ["large left pleural effusion"], [0], SamplingSettings.from_config(cfg))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+from scipy import ndimage
+
+from roentgen_lib.config import Config, relative
+from roentgen_lib.data.masks import LEFT_LUNG, RIGHT_LUNG, load_lung_masks
+from roentgen_lib.data.phantom import render, render_size
+from roentgen_lib.models import generate_images, load_pipeline
+from roentgen_lib.text.labels import label_report
+from roentgen_lib.text.tokenizer import truncated_part
+
+SCHEDULERS = {"dpmsolver++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+              "euler_ancestral": EulerAncestralDiscreteScheduler, "pndm": PNDMScheduler}
+SCHEDULER_OPTIONS = {"pndm": {"skip_prk_steps": True}, "ddim": {"set_alpha_to_one": False}}  # as SD 1.x ships them
+RUN_OUTPUTS = ("pipeline", "lora")  # what a fine-tuning run leaves: a full pipeline or LoRA adapters
+
+
+class SamplingError(ValueError):
+    """Bad input to a sampler; the message names what is wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How images are drawn; together with the model, prompt and seed this names an image."""
+
+    scheduler: str = "dpmsolver++"
+    steps: int = 20
+    guidance_scale: float = 4.0
+    negative_prompt: str = ""
+    batch_size: int = 64
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "SamplingSettings":
+        return cls(cfg.scheduler, cfg.sampling_steps, cfg.guidance_scale, cfg.negative_prompt, cfg.sample_batch_size)
+
+    def replace(self, **changes) -> "SamplingSettings":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Model:
+    """A loaded sampling pipeline and what identifies its weights."""
+
+    name: str
+    pipe: StableDiffusionPipeline
+    fingerprint: str  # SHA-256 of every weight (and the LoRA scale): same fingerprint, same images
+    source: str
+
+
+def available_models(cfg: Config) -> dict[str, Path]:
+    """"base" and every finished fine-tuning run under the models folder, by run name."""
+    found = {"base": Path(cfg.base_model_path)}
+    if cfg.models_path.is_dir():
+        for run in sorted(p for p in cfg.models_path.iterdir() if p.is_dir()):
+            output = next((run / name for name in RUN_OUTPUTS if (run / name).is_dir()), None)
+            if output is not None:
+                found[run.name] = output
+    return found
+
+
+def model_fingerprint(pipe: StableDiffusionPipeline, lora_scale: float) -> str:
+    """SHA-256 over every weight of U-Net, text encoder and VAE, plus the LoRA scale."""
+    digest = hashlib.sha256(f"lora_scale={lora_scale}".encode())
+    for part in ("unet", "text_encoder", "vae"):
+        for key, tensor in sorted(getattr(pipe, part).state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None) -> Model:
+    """The base (`"base"`) or a fine-tuning run by folder name; LoRA adapters at `lora_scale` (default cfg's)."""
+    models = available_models(cfg)
+    if name not in models:
+        close = difflib.get_close_matches(name, list(models), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SamplingError(f"no finished run {name!r} in {relative(cfg.models_path)}{hint}; available: "
+                            f"{', '.join(models)}. Fine-tuning runs are made by 02_finetune_lora and 03_finetune_full")
+    base = Path(cfg.base_model_path)
+    if base.is_absolute() and not (base / "model_index.json").is_file():
+        raise SamplingError(f"no base model at {relative(base)} (no model_index.json): build the project's "
+                            "base with `make base` (or run 02_finetune_lora), or set base_model")
+    scale = cfg.lora_scale if lora_scale is None else lora_scale
+    finetuned = None if name == "base" else models[name]
+    pipe = load_pipeline(cfg.base_model_path, finetuned, scale)
+    is_lora = finetuned is not None and finetuned.name == "lora"
+    return Model(name, pipe, model_fingerprint(pipe, scale if is_lora else 1.0),
+                 relative(models[name]) if Path(models[name]).exists() else str(models[name]))
+
+
+def use_scheduler(pipe, name: str) -> None:
+    """Switch the pipeline's sampler, keeping the model's noise schedule."""
+    if name not in SCHEDULERS:
+        close = difflib.get_close_matches(name, list(SCHEDULERS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SamplingError(f"unknown scheduler {name!r}{hint}; allowed: {', '.join(SCHEDULERS)}")
+    if not isinstance(pipe.scheduler, SCHEDULERS[name]):
+        pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config, **SCHEDULER_OPTIONS.get(name, {}))
+
+
+def check_prompts(prompts: list[str], tokenizer) -> None:
+    """Refuse empty prompts; warn, showing what is dropped, when a prompt exceeds the context."""
+    if isinstance(prompts, str):
+        raise SamplingError("prompts must be a list of strings, got one string; wrap it: [prompt]")
+    for k, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SamplingError(f"prompt {k} is empty ({prompt!r}); describe the image, e.g. "
+                                "'no acute cardiopulmonary process' (unconditional images: guidance_scale=1)")
+        dropped = truncated_part(prompt, tokenizer)
+        if dropped:
+            warnings.warn(f"prompt {k} is longer than the text encoder's {tokenizer.model_max_length} tokens; "
+                          f"this part is ignored: {dropped!r}", stacklevel=3)
+
+
+def check_seeds(prompts: list[str], seeds: list[int]) -> None:
+    if len(seeds) != len(prompts):
+        raise SamplingError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
+
+
+def run_pipeline(pipe, model: Model, prompts: list[str], seeds: list[int], settings: SamplingSettings,
+                 progress: bool = False, **call_args) -> np.ndarray:
+    """Checks, then one seeded image per prompt from `pipe` (a pipeline over the model's components)."""
+    check_prompts(prompts, model.pipe.tokenizer)
+    check_seeds(prompts, seeds)
+    use_scheduler(pipe, settings.scheduler)
+    return generate_images(pipe, list(prompts), list(seeds), settings.steps, settings.guidance_scale,
+                           settings.negative_prompt, settings.batch_size, progress, **call_args)
+
+
+def generate(model: Model, prompts: list[str], seeds: list[int], settings: SamplingSettings,
+             progress: bool = False) -> np.ndarray:
+    """Text-to-image: image k from prompts[k] with seeds[k]; uint8 (N, H, W, 3)."""
+    return run_pipeline(model.pipe, model, prompts, seeds, settings, progress)
+
+
+def pipeline_as(kind: type, pipe: StableDiffusionPipeline):
+    """The same components in another Stable Diffusion pipeline class (image-to-image, inpainting)."""
+    other = kind(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                 scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    other.set_progress_bar_config(disable=True)
+    return other
+
+
+def as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    return (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
+
+
+def edit(model: Model, images: list, prompts: list[str], seeds: list[int], settings: SamplingSettings,
+         strength: float = 0.7) -> np.ndarray:
+    """Counterfactual edit (image-to-image): re-draw each image towards its prompt.
+
+    `strength` is how far back into the noise the image is pushed before re-drawing: 0 returns it,
+    1 ignores it. Only `strength * steps` denoising steps run.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise SamplingError(f"strength must be in (0, 1], got {strength}")
+    if int(settings.steps * strength) < 1:
+        raise SamplingError(f"strength {strength} x {settings.steps} steps leaves no denoising step; "
+                            "raise strength or steps")
+    if len(images) != len(prompts):
+        raise SamplingError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
+    pipe = pipeline_as(StableDiffusionImg2ImgPipeline, model.pipe)
+    return run_pipeline(pipe, model, prompts, seeds, settings, image=[as_rgb(im) for im in images], strength=strength)
+
+
+def check_mask(mask: np.ndarray, image: Image.Image, k: int) -> np.ndarray:
+    """A binary mask (True = redraw) the size of its image, or a SamplingError saying what differs."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.shape != (image.height, image.width):
+        raise SamplingError(f"mask {k} has shape {mask.shape} but its image is {image.height}x{image.width}; "
+                            "give a 2-D mask of the image's size (True or 255 where to redraw)")
+    return mask > (127 if mask.dtype == np.uint8 else 0.5)
+
+
+def inpaint(model: Model, images: list, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
+            settings: SamplingSettings, keep_outside: bool = True) -> np.ndarray:
+    """Redraw the masked region of each image from its prompt (the model need not be an inpainting model).
+
+    The U-Net has 4 input channels, so diffusers blends: at every step the unmasked latents are
+    reset to the (noised) original, and only the masked region is generated. Outside the mask the
+    VAE's reconstruction would blur the original slightly; `keep_outside` pastes the original back.
+    """
+    rgb = [as_rgb(im) for im in images]
+    binary = [check_mask(m, im, k) for k, (m, im) in enumerate(zip(masks, rgb))]
+    pipe = pipeline_as(StableDiffusionInpaintPipeline, model.pipe)
+    size = rgb[0].height
+    out = run_pipeline(pipe, model, prompts, seeds, settings, image=rgb,
+                       mask_image=[Image.fromarray(b.astype(np.uint8) * 255) for b in binary],
+                       strength=1.0, height=size, width=size)
+    if keep_outside:
+        out = np.stack([np.where(b[..., None], o, np.asarray(im)) for o, b, im in zip(out, binary, rgb)])
+    return out
+
+
+def outpaint_canvas(image: Image.Image | np.ndarray, scale: float) -> tuple[Image.Image, np.ndarray]:
+    """Shrink an image to `scale` of its side, centred on a canvas of the original size; mask = the border."""
+    if not 0.2 <= scale < 1.0:
+        raise SamplingError(f"scale must be in [0.2, 1), got {scale}")
+    rgb = as_rgb(image)
+    inner = max(8, round(rgb.width * scale))
+    offset = (rgb.width - inner) // 2
+    fill = tuple(int(v) for v in np.asarray(rgb).reshape(-1, 3).mean(axis=0))
+    canvas = Image.new("RGB", rgb.size, fill)
+    canvas.paste(rgb.resize((inner, inner), Image.Resampling.LANCZOS), (offset, offset))
+    mask = np.ones((rgb.height, rgb.width), bool)
+    mask[offset : offset + inner, offset : offset + inner] = False
+    return canvas, mask
+
+
+def outpaint(model: Model, images: list, prompts: list[str], seeds: list[int], settings: SamplingSettings,
+             scale: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+    """Extend each image beyond its borders: shrink it into the centre, then inpaint the border.
+
+    Returns the outpainted images and the canvases they started from (uint8, N x H x W x 3).
+    """
+    canvases, masks = zip(*(outpaint_canvas(im, scale) for im in images))
+    out = inpaint(model, list(canvases), list(masks), prompts, seeds, settings)
+    return out, np.stack([np.asarray(c) for c in canvases])
+
+
+@dataclass
+class EditCase:
+    """A phantom radiograph, the lung region an edit is meant to change, and the two prompts."""
+
+    image: np.ndarray  # uint8 (H, W)
+    region: np.ndarray  # bool (H, W): the hemithorax the edit names
+    source_prompt: str
+    edit_prompt: str
+
+
+EDIT_CASES = (  # (what the phantom shows, what the edit asks for, the side it concerns)
+    ("no acute cardiopulmonary process.", "large right pneumothorax.", "right"),
+    ("no acute cardiopulmonary process.", "large left pleural effusion.", "left"),
+    ("large left pleural effusion.", "no pleural effusion. no acute cardiopulmonary process.", "left"),
+    ("large right pneumothorax.", "no pneumothorax. no acute cardiopulmonary process.", "right"),
+)
+
+
+def phantom_edit_cases(size: int, seed: int, cases: tuple = EDIT_CASES) -> list[EditCase]:
+    """Phantoms rendered from each case's source prompt, with the named side's lung (dilated) as region."""
+    masks = load_lung_masks(render_size(size))
+    factor = render_size(size) // size
+    out = []
+    for k, (source, target, side) in enumerate(cases):
+        rng = np.random.default_rng([seed, 7, k])
+        mask = masks[rng.integers(len(masks))]
+        image, _ = render(label_report(source), mask, rng, size)
+        lung = (mask == (RIGHT_LUNG if side == "right" else LEFT_LUNG))[::factor, ::factor]
+        out.append(EditCase(image, ndimage.binary_dilation(lung, iterations=max(1, size // 16)), source, target))
+    return out
+
+
+def edit_identity(originals: np.ndarray, edited: np.ndarray, regions: list[np.ndarray]) -> pd.DataFrame:
+    """How much each edit changed the image inside the edited region and outside it (grey levels).
+
+    A good counterfactual edit changes the named region and keeps the patient elsewhere: outside
+    change small next to inside change.
+    """
+    rows = []
+    for original, new, region in zip(originals, edited, regions):
+        diff = np.abs(grey(new).astype(float) - grey(original).astype(float))
+        rows.append({"MAE inside region": round(float(diff[region].mean()), 2),
+                     "MAE outside region": round(float(diff[~region].mean()), 2),
+                     "outside / inside": round(float(diff[~region].mean() / max(diff[region].mean(), 1e-9)), 3)})
+    return pd.DataFrame(rows)
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) from (H, W) or (H, W, 3) (radiographs are grey; RGB only carries the base's tint)."""
+    image = np.asarray(image)
+    return image if image.ndim == 2 else np.asarray(Image.fromarray(image).convert("L"))

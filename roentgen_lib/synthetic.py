@@ -1,0 +1,211 @@
+"""Synthetic datasets: N images per prompt, saved as a Hugging Face dataset with what made each image.
+
+Prompts come from a list, a CSV file (a `prompt` column), a split of the real dataset (its report
+prompts, so real and synthetic images can be compared prompt for prompt), or are composed from
+finding specs (finding, side, severity). Each row stores the prompt, seed, sampler settings, the
+model and its weight fingerprint, and the intended labels (the labeler's reading of the prompt,
+the same reading the phantom renderer draws real images from).
+
+Generation is resumable: images are written in fixed batches to `.<name>.parts/` next to the
+output, each batch file atomically; an interrupted run keeps its finished batches and the rerun
+draws only the rest, giving the same dataset bit for bit. The finished dataset replaces the output
+folder atomically.
+
+Usage::
+
+    prompts = prompt_table(cfg)                                   # cfg.synthetic_prompts sources
+    data = generate_dataset(model, prompts, cfg.synthetic_path, settings, images_per_prompt=4, seed=0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from roentgen_lib.config import Config, project_path
+from roentgen_lib.data.dataset import load as load_real
+from roentgen_lib.files import replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
+from roentgen_lib.progress import library_progress_bars
+from roentgen_lib.sample import Model, SamplingError, SamplingSettings, generate, grey
+from roentgen_lib.text.labels import OBSERVATIONS, label_report, label_vector
+
+MANIFEST = "roentgen_synthetic.json"
+SEVERITY_WORDS = {"small": "small", "moderate": "moderate", "large": "large"}
+GRADE_WORDS = {"small": "mild", "moderate": "moderate", "large": "severe"}  # for heart size and edema
+SPEC_SIDES = {"Pleural Effusion": ("left", "right", "bilateral"), "Pneumothorax": ("left", "right"),
+              "Consolidation": ("left", "right"), "Cardiomegaly": (None,), "Edema": (None,)}
+SEVERITIES = ("small", "moderate", "large")
+NORMAL_PROMPT = "no acute cardiopulmonary process."
+FEATURES = datasets.Features({
+    "image": datasets.Image(), "prompt": datasets.Value("string"), "source": datasets.Value("string"),
+    "spec": datasets.Value("string"), "seed": datasets.Value("int64"), "model": datasets.Value("string"),
+    "model_fingerprint": datasets.Value("string"), "scheduler": datasets.Value("string"),
+    "steps": datasets.Value("int32"), "guidance_scale": datasets.Value("float32"),
+    "negative_prompt": datasets.Value("string"), **{obs: datasets.Value("float32") for obs in OBSERVATIONS},
+    "intended": datasets.Value("string"),
+})
+
+
+def compose_prompt(finding: str, side: str | None = None, severity: str | None = None) -> str:
+    """Report-style prompt for one finding spec, e.g. ("Pneumothorax", "right", "large") -> "large right pneumothorax."."""
+    if finding not in SPEC_SIDES:
+        raise SamplingError(f"finding {finding!r} cannot be composed; allowed: {', '.join(SPEC_SIDES)}")
+    if side not in SPEC_SIDES[finding]:
+        raise SamplingError(f"side {side!r} is not allowed for {finding}; allowed: {SPEC_SIDES[finding]}")
+    if severity is not None and severity not in SEVERITIES:
+        raise SamplingError(f"severity {severity!r} is not one of {', '.join(SEVERITIES)}")
+    words = {"Cardiomegaly": "cardiomegaly", "Edema": "pulmonary edema", "Pneumothorax": "pneumothorax",
+             "Consolidation": "consolidation", "Pleural Effusion": "pleural effusions" if side == "bilateral" else "pleural effusion"}
+    grade = (GRADE_WORDS if finding in ("Cardiomegaly", "Edema") else SEVERITY_WORDS).get(severity or "", "")
+    return " ".join(w for w in (grade, side or "", words[finding]) if w) + "."
+
+
+def finding_specs(findings: tuple[str, ...] = tuple(SPEC_SIDES), severities: tuple[str, ...] = SEVERITIES) -> list[dict]:
+    """Every (finding, side, severity) combination: the grid of 04's controllability gallery."""
+    return [{"finding": f, "side": side, "severity": sev} for f in findings for side in SPEC_SIDES[f] for sev in severities]
+
+
+def spec_prompts(specs: list[dict], include_normal: bool = True) -> pd.DataFrame:
+    """Prompts composed from specs (plus the normal prompt), with the spec stored per row."""
+    rows = [{"prompt": compose_prompt(**spec), "source": "specs", "spec": json.dumps(spec, sort_keys=True)} for spec in specs]
+    if include_normal:
+        rows.append({"prompt": NORMAL_PROMPT, "source": "specs", "spec": json.dumps({"finding": "No Finding"})})
+    return pd.DataFrame(rows)
+
+
+def split_prompts(cfg: Config, split: str) -> pd.DataFrame:
+    """The report prompts of one split of the real dataset; `source` names the real image (split:image_id)."""
+    data = load_real(cfg)
+    if split not in data:
+        raise SamplingError(f"split {split!r} is not in the dataset; splits: {', '.join(data)}")
+    part = data[split].select_columns(["prompt", "image_id"])
+    return pd.DataFrame({"prompt": list(part["prompt"]), "source": [f"{split}:{i}" for i in part["image_id"]], "spec": ""})
+
+
+def csv_prompts(path: str | Path) -> pd.DataFrame:
+    """Prompts from a CSV file with a `prompt` column (other columns are ignored)."""
+    path = project_path(path)
+    if not path.is_file():
+        raise SamplingError(f"prompt file {path} does not exist")
+    table = pd.read_csv(path)
+    if "prompt" not in table.columns:
+        raise SamplingError(f"{path} has no 'prompt' column (columns: {', '.join(map(str, table.columns))})")
+    return pd.DataFrame({"prompt": table["prompt"].astype(str), "source": [f"csv:{path.name}:{k}" for k in range(len(table))], "spec": ""})
+
+
+def list_prompts(prompts: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"prompt": list(prompts), "source": "list", "spec": ""})
+
+
+def prompt_table(cfg: Config) -> pd.DataFrame:
+    """All prompts named by `cfg.synthetic_prompts`: split names, "specs", or CSV paths, comma separated."""
+    tables = []
+    for source in (s.strip() for s in cfg.synthetic_prompts.split(",") if s.strip()):
+        if source == "specs":
+            tables.append(spec_prompts(finding_specs()))
+        elif source.endswith(".csv"):
+            tables.append(csv_prompts(source))
+        else:
+            tables.append(split_prompts(cfg, source))
+    if not tables:
+        raise SamplingError("synthetic_prompts names no source; use e.g. 'test,specs' or a .csv path")
+    return pd.concat(tables, ignore_index=True)
+
+
+def plan_jobs(prompts: pd.DataFrame, images_per_prompt: int, seed: int) -> pd.DataFrame:
+    """One row per image: prompt k's copies are adjacent; image j gets seed + j."""
+    jobs = prompts.loc[prompts.index.repeat(images_per_prompt)].reset_index(drop=True)
+    jobs["seed"] = seed + np.arange(len(jobs))
+    return jobs
+
+
+def plan_fingerprint(jobs: pd.DataFrame, model: Model, settings: SamplingSettings) -> str:
+    """What determines every image: prompts, seeds, model weights and sampler settings (batches included)."""
+    digest = hashlib.sha256(model.fingerprint.encode())
+    digest.update(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+    digest.update(jobs[["prompt", "seed"]].to_json(orient="values").encode())
+    return digest.hexdigest()
+
+
+def parts_folder(out: Path, fingerprint: str) -> Path:
+    """Where finished batches of this plan wait; a folder left by another plan is discarded."""
+    parts = out.parent / f".{out.name}.parts"
+    plan_file = parts / "plan.json"
+    if parts.exists() and (not plan_file.is_file() or json.loads(plan_file.read_text()).get("fingerprint") != fingerprint):
+        warnings.warn(f"discarding unfinished synthetic images in {parts}: they belong to other prompts, seeds, "
+                      "settings or model weights", stacklevel=3)
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_file, {"fingerprint": fingerprint})
+    return parts
+
+
+def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, parts: Path, progress: bool) -> None:
+    """Draw every batch not yet on disk; each batch file is written atomically once complete."""
+    starts = range(0, len(jobs), settings.batch_size)
+    todo = [s for s in starts if not (parts / f"batch-{s:08d}.safetensors").is_file()]
+    with tqdm(total=len(jobs), initial=len(jobs) - sum(len(jobs[s : s + settings.batch_size]) for s in todo),
+              desc="synthetic images", unit="img", disable=not progress) as bar:
+        for start in todo:
+            batch = jobs.iloc[start : start + settings.batch_size]
+            images = np.stack([grey(im) for im in generate(model, list(batch.prompt), list(batch.seed), settings)])
+            write_file_atomic(parts / f"batch-{start:08d}.safetensors",
+                              lambda path: save_file({"images": torch.from_numpy(images)}, str(path)))
+            bar.update(len(batch))
+
+
+def synthetic_records(jobs: pd.DataFrame, parts: str, fixed: dict, batch_size: int):
+    """Dataset rows: each drawn image with its prompt, seed, the `fixed` model/settings columns and intended labels."""
+    labels_by_prompt = {p: label_report(p) for p in jobs.prompt.unique()}
+    for start in range(0, len(jobs), batch_size):
+        images = load_file(str(Path(parts) / f"batch-{start:08d}.safetensors"))["images"].numpy()
+        for image, job in zip(images, jobs.iloc[start : start + batch_size].itertuples()):
+            labels = labels_by_prompt[job.prompt]
+            yield {"image": Image.fromarray(image), "prompt": job.prompt, "source": job.source, "spec": job.spec,
+                   "seed": int(job.seed), **fixed, **label_vector(labels), "intended": json.dumps(labels, sort_keys=True)}
+
+
+def generate_dataset(model: Model, prompts: pd.DataFrame, out: Path, settings: SamplingSettings,
+                     images_per_prompt: int, seed: int, progress: bool = True) -> datasets.Dataset:
+    """Draw `images_per_prompt` images per prompt row and save them as a dataset at `out` (resumable).
+
+    An existing dataset at `out` made by the same plan is returned as is.
+    """
+    out = Path(out)
+    jobs = plan_jobs(prompts, images_per_prompt, seed)
+    fingerprint = plan_fingerprint(jobs, model, settings)
+    if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("fingerprint") == fingerprint:
+        return datasets.load_from_disk(str(out))
+    parts = parts_folder(out, fingerprint)
+    draw_batches(model, jobs, settings, parts, progress)
+    fixed = {"model": model.name, "model_fingerprint": model.fingerprint, "scheduler": settings.scheduler,
+             "steps": settings.steps, "guidance_scale": settings.guidance_scale, "negative_prompt": settings.negative_prompt}
+    work = temporary_sibling(out)
+    try:
+        with library_progress_bars(progress):
+            data = datasets.Dataset.from_generator(
+                synthetic_records, features=FEATURES, cache_dir=str(work / "cache"),
+                gen_kwargs={"jobs": jobs, "parts": str(parts), "fixed": fixed, "batch_size": settings.batch_size})
+            data.save_to_disk(str(work / "dataset"))
+        write_json_atomic(work / "dataset" / MANIFEST, {
+            "fingerprint": fingerprint, "rows": len(jobs), "model": model.name, "model_source": model.source,
+            "model_fingerprint": model.fingerprint, "settings": dataclasses.asdict(settings),
+            "images_per_prompt": images_per_prompt, "seed": seed,
+            "sources": jobs.source.str.split(":").str[0].value_counts().to_dict()})
+        replace_dir(work / "dataset", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(parts)
+    return datasets.load_from_disk(str(out))
