@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= demo
 
-.PHONY: setup reproduce test lab tiny-runs base bench bench-train clean
+.PHONY: setup reproduce test lab tiny-runs base bench bench-train bench-sample clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: setup
 # Our training loop against diffusers' train_text_to_image.py (kept in the ignored .reference/).
 bench-train: setup
 	$(PY) tests/bench/bench_train.py
+
+# Our batched sampler against a plain StableDiffusionPipeline call loop (same model, prompts, steps).
+bench-sample: setup
+	$(PY) tests/bench/bench_sample.py
 
 clean:
 	rm -rf data papermill_runs/demo papermill_runs/paper

@@ -107,7 +107,7 @@ class Config:
     negative_prompt: str = ""  # what to steer away from ("" none)
     lora_scale: float = 1.0  # strength of LoRA adapters when sampling a LoRA run (0 = the base)
     images_per_prompt: int = 4  # synthetic images per prompt (4, as RoentGen's diversity evaluation)
-    sample_batch_size: int = 64  # images per sampler call
+    sample_batch_size: int = 16  # images per sampler call (16 was fastest on 2 CPU cores, make bench-sample)
     synthetic_dir: str | None = None  # synthetic dataset folder; None: data/<profile>/synthetic
     synthetic_prompts: str = "test,specs"  # comma list of sources: a split name, "specs", or a .csv path
     guidance_sweep: str = "1,2,4,8"  # guidance scales compared in 04
@@ -357,7 +357,7 @@ PROFILES: dict[str, Config] = {
                     base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=1e-5,
                     lr_warmup_steps=500, batch_size=8, gradient_accumulation=32, max_steps=12500,
                     mixed_precision="bf16", gradient_checkpointing=True, ema_decay=0.9999, snr_gamma=5.0,
-                    checkpoint_every=1000, checkpoints_total_limit=3, validation_every=1000),
+                    checkpoint_every=1000, checkpoints_total_limit=3, validation_every=1000, sample_batch_size=8),
 }
 
 

@@ -153,20 +153,43 @@ def fig_training_curves(logs: dict[str, pd.DataFrame], smooth: int = 10) -> Figu
 
 
 def fig_image_rows(rows: dict[str, np.ndarray], prompts: list[str]) -> Figure:
-    """A grid: one row per model (label on the left), one column per prompt (title on top)."""
+    """A grid: one row per model (label on the left), one column per prompt (title on top).
+
+    Colour images are shown as they are (the base's tint is part of the result); grey ones in grey.
+    """
     import textwrap
 
     fig = Figure(figsize=(2.4 * len(prompts), 2.6 * len(rows)))
     for r, (label, images) in enumerate(rows.items()):
         for c, image in enumerate(images):
             ax = fig.add_subplot(len(rows), len(prompts), r * len(prompts) + c + 1)
-            ax.imshow(image)
+            ax.imshow(image, cmap="gray" if np.ndim(image) == 2 else None, vmin=0, vmax=255)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(textwrap.fill(prompts[c], 24), fontsize=8)
             if c == 0:
                 ax.set_ylabel(label, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_spec_grid(specs: list[dict], images: np.ndarray) -> Figure:
+    """Controllability at a glance: one row per finding and side, one column per severity."""
+    severities = list(dict.fromkeys(spec["severity"] for spec in specs))
+    rows = list(dict.fromkeys((spec["finding"], spec["side"]) for spec in specs))
+    fig = Figure(figsize=(1.9 * len(severities) + 1.2, 1.9 * len(rows)))
+    for spec, image in zip(specs, images):
+        r, c = rows.index((spec["finding"], spec["side"])), severities.index(spec["severity"])
+        ax = fig.add_subplot(len(rows), len(severities), r * len(severities) + c + 1)
+        ax.imshow(image, cmap="gray" if np.ndim(image) == 2 else None, vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0:
+            ax.set_title(spec["severity"], fontsize=9)
+        if c == 0:
+            ax.set_ylabel(f"{spec['finding']}\n{spec['side'] or ''}".strip(), fontsize=8)
+    fig.suptitle("Requested finding x side x severity (patient's right on the viewer's left)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -15,10 +15,12 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +37,10 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from scipy import ndimage
+from transformers.utils import logging as transformers_logging
 
 from roentgen_lib.config import Config, relative
 from roentgen_lib.data.masks import LEFT_LUNG, RIGHT_LUNG, load_lung_masks
@@ -135,17 +139,20 @@ def use_scheduler(pipe, name: str) -> None:
 
 
 def check_prompts(prompts: list[str], tokenizer) -> None:
-    """Refuse empty prompts; warn, showing what is dropped, when a prompt exceeds the context."""
+    """Refuse empty prompts; warn once per call, showing what is dropped, when prompts exceed the context."""
     if isinstance(prompts, str):
         raise SamplingError("prompts must be a list of strings, got one string; wrap it: [prompt]")
     for k, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise SamplingError(f"prompt {k} is empty ({prompt!r}); describe the image, e.g. "
                                 "'no acute cardiopulmonary process' (unconditional images: guidance_scale=1)")
-        dropped = truncated_part(prompt, tokenizer)
-        if dropped:
-            warnings.warn(f"prompt {k} is longer than the text encoder's {tokenizer.model_max_length} tokens; "
-                          f"this part is ignored: {dropped!r}", stacklevel=3)
+    dropped = {k: truncated_part(p, tokenizer) for k, p in enumerate(prompts) if p not in prompts[:k]}
+    long = {k: part for k, part in dropped.items() if part}
+    if long:
+        shown = "; ".join(f"prompt {k}: {part!r}" for k, part in list(long.items())[:3])
+        more = f" (and {len(long) - 3} more)" if len(long) > 3 else ""
+        warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's {tokenizer.model_max_length} tokens; "
+                      f"these parts are ignored: {shown}{more}", stacklevel=4)
 
 
 def check_seeds(prompts: list[str], seeds: list[int]) -> None:
@@ -159,8 +166,23 @@ def run_pipeline(pipe, model: Model, prompts: list[str], seeds: list[int], setti
     check_prompts(prompts, model.pipe.tokenizer)
     check_seeds(prompts, seeds)
     use_scheduler(pipe, settings.scheduler)
-    return generate_images(pipe, list(prompts), list(seeds), settings.steps, settings.guidance_scale,
-                           settings.negative_prompt, settings.batch_size, progress, **call_args)
+    with quiet_libraries():  # diffusers and transformers would repeat the truncation warning token by token
+        return generate_images(pipe, list(prompts), list(seeds), settings.steps, settings.guidance_scale,
+                               settings.negative_prompt, settings.batch_size, progress, **call_args)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Only errors from diffusers' and transformers' loggers within the block."""
+    loggers = (diffusers_logging, transformers_logging)
+    levels = [lib.get_verbosity() for lib in loggers]
+    for lib in loggers:
+        lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, level in zip(loggers, levels):
+            lib.set_verbosity(level)
 
 
 def generate(model: Model, prompts: list[str], seeds: list[int], settings: SamplingSettings,
@@ -175,6 +197,25 @@ def pipeline_as(kind: type, pipe: StableDiffusionPipeline):
                  scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     other.set_progress_bar_config(disable=True)
     return other
+
+
+def compare_models(models: dict[str, Model], prompts: list[str], seeds: list[int],
+                   settings: SamplingSettings) -> dict[str, np.ndarray]:
+    """The same prompts and seeds through each model: what fine-tuning changed, image for image."""
+    return {name: generate(model, prompts, seeds, settings) for name, model in models.items()}
+
+
+def sweep(model: Model, prompts: list[str], seeds: list[int], settings: SamplingSettings, field: str,
+          values: list) -> dict[str, np.ndarray]:
+    """The same prompts and seeds at each value of one setting (e.g. "guidance_scale", "steps")."""
+    return {f"{field} {v}": generate(model, prompts, seeds, settings.replace(**{field: v})) for v in values}
+
+
+def model_table(cfg: Config) -> pd.DataFrame:
+    """The models one can sample: name, kind (base / full pipeline / LoRA adapters) and folder."""
+    kinds = {"pipeline": "full fine-tune", "lora": "LoRA adapters"}
+    return pd.DataFrame([{"model": name, "kind": "base" if name == "base" else kinds[path.name], "folder": relative(path)}
+                         for name, path in available_models(cfg).items()]).set_index("model")
 
 
 def as_rgb(image: Image.Image | np.ndarray) -> Image.Image:

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -152,10 +153,11 @@ def parts_folder(out: Path, fingerprint: str) -> Path:
     return parts
 
 
-def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, parts: Path, progress: bool) -> None:
-    """Draw every batch not yet on disk; each batch file is written atomically once complete."""
+def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, parts: Path, progress: bool) -> dict:
+    """Draw every batch not yet on disk (each batch file written atomically); return images drawn and seconds."""
     starts = range(0, len(jobs), settings.batch_size)
     todo = [s for s in starts if not (parts / f"batch-{s:08d}.safetensors").is_file()]
+    started, drawn = time.perf_counter(), 0
     with tqdm(total=len(jobs), initial=len(jobs) - sum(len(jobs[s : s + settings.batch_size]) for s in todo),
               desc="synthetic images", unit="img", disable=not progress) as bar:
         for start in todo:
@@ -164,6 +166,8 @@ def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, p
             write_file_atomic(parts / f"batch-{start:08d}.safetensors",
                               lambda path: save_file({"images": torch.from_numpy(images)}, str(path)))
             bar.update(len(batch))
+            drawn += len(batch)
+    return {"images_drawn": drawn, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def synthetic_records(jobs: pd.DataFrame, parts: str, fixed: dict, batch_size: int):
@@ -189,7 +193,7 @@ def generate_dataset(model: Model, prompts: pd.DataFrame, out: Path, settings: S
     if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("fingerprint") == fingerprint:
         return datasets.load_from_disk(str(out))
     parts = parts_folder(out, fingerprint)
-    draw_batches(model, jobs, settings, parts, progress)
+    timing = draw_batches(model, jobs, settings, parts, progress)
     fixed = {"model": model.name, "model_fingerprint": model.fingerprint, "scheduler": settings.scheduler,
              "steps": settings.steps, "guidance_scale": settings.guidance_scale, "negative_prompt": settings.negative_prompt}
     work = temporary_sibling(out)
@@ -202,10 +206,25 @@ def generate_dataset(model: Model, prompts: pd.DataFrame, out: Path, settings: S
         write_json_atomic(work / "dataset" / MANIFEST, {
             "fingerprint": fingerprint, "rows": len(jobs), "model": model.name, "model_source": model.source,
             "model_fingerprint": model.fingerprint, "settings": dataclasses.asdict(settings),
-            "images_per_prompt": images_per_prompt, "seed": seed,
+            "images_per_prompt": images_per_prompt, "seed": seed, "last_run": timing,
             "sources": jobs.source.str.split(":").str[0].value_counts().to_dict()})
         replace_dir(work / "dataset", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(parts)
     return datasets.load_from_disk(str(out))
+
+
+def read_manifest(out: Path) -> dict:
+    """What `generate_dataset` recorded about a synthetic dataset (model, settings, timing)."""
+    return json.loads((Path(out) / MANIFEST).read_text())
+
+
+def describe(data: datasets.Dataset, findings: tuple[str, ...] = ("No Finding", "Cardiomegaly", "Pleural Effusion",
+                                                                  "Pneumothorax", "Edema", "Consolidation")) -> pd.DataFrame:
+    """Images per prompt source, and how many are meant to show each finding (intended positives)."""
+    frame = data.select_columns(["source", *findings]).to_pandas()
+    frame["source"] = frame.source.str.split(":").str[0]
+    table = frame.groupby("source")[list(findings)].agg(lambda v: int((v == 1.0).sum()))
+    table.insert(0, "images", frame.groupby("source").size())
+    return table

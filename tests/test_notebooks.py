@@ -39,7 +39,8 @@ def test_notebook_is_thin_and_stripped(notebook):
         source = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
         for node in ast.walk(ast.parse(source)):
             assert not isinstance(node, (ast.FunctionDef, ast.ClassDef)), "logic belongs in roentgen_lib"
-        assert len(cell.source.splitlines()) <= 15
+        if "parameters" not in cell.metadata.get("tags", []):  # one documented line per parameter may run longer
+            assert len(cell.source.splitlines()) <= 15
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

@@ -157,8 +157,9 @@ def test_a_single_string_is_refused(runs):
 
 def test_long_prompt_warns_with_the_dropped_part(runs):
     prompt = "small left pleural effusion. " * 20 + "large right pneumothorax."
-    with pytest.warns(UserWarning, match="ignored: .*right pneumothorax"):
-        sample.generate(sample.load_model(runs, "base"), [prompt], [0], SETTINGS)
+    with pytest.warns(UserWarning, match="1 prompt.s. longer .* ignored: prompt 0: .*right pneumothorax") as caught:
+        sample.generate(sample.load_model(runs, "base"), [prompt, prompt], [0, 1], SETTINGS)
+    assert len([w for w in caught if "longer than" in str(w.message)]) == 1
 
 
 def test_unknown_scheduler_is_refused_with_a_suggestion(runs):
