@@ -56,6 +56,7 @@ class Config:
     output_dir: str | None = None  # dataset folder; None: data/<profile>/cxr_dataset
     figures_dir: str | None = None  # where stage figures go; None: per profile (see below)
     n_images: int | None = None  # image/report pairs to build; None: all available
+    finding_repeats: int = 1  # phantom world: each report with a positive finding is drawn this many times
     image_size: int = 64  # square side in pixels of every stored image
     seed: int = 0  # seeds every random choice of every stage
     val_fraction: float = 0.1  # share of patients in the validation split (phantom world)
@@ -271,7 +272,7 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
     positive = ("base_images", "base_vae_steps", "base_steps", "lora_rank", "lora_alpha", "batch_size",
                 "gradient_accumulation", "max_steps", "checkpoint_every", "checkpoints_total_limit",
-                "validation_every", "sampling_steps", "images_per_prompt", "sample_batch_size")
+                "validation_every", "sampling_steps", "images_per_prompt", "sample_batch_size", "finding_repeats")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(cfg, name)}")

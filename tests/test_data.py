@@ -8,7 +8,7 @@ from conftest import write_mimic_tree
 
 from roentgen_lib import config
 from roentgen_lib.data import dataset, masks, mimic, phantom
-from roentgen_lib.text.labels import label_report
+from roentgen_lib.text.labels import PATHOLOGIES, label_report
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,22 @@ def test_patient_split_is_stable_and_proportional():
     splits = [dataset.patient_split(f"CXR{i}", 0.1, 0.1) for i in range(4000)]
     assert splits == [dataset.patient_split(f"CXR{i}", 0.1, 0.1) for i in range(4000)]
     assert 0.07 < splits.count("test") / 4000 < 0.13
+
+
+def test_finding_repeats_oversample_abnormal_reports_within_their_patient():
+    plain, _ = dataset.plan_phantom(config.resolve("tiny", n_images=3000, finding_repeats=1))
+    repeated, _ = dataset.plan_phantom(config.resolve("tiny", n_images=4000, finding_repeats=3))
+
+    def abnormal_share(rows):
+        flags = [any(v["status"] == "positive" for k, v in label_report(r["prompt"]).items() if k in PATHOLOGIES)
+                 for r in rows]
+        return sum(flags) / len(flags)
+
+    assert abnormal_share(repeated) > 1.5 * abnormal_share(plain)
+    assert len({r["image_id"] for r in repeated}) == len(repeated)
+    split_of = {}
+    for row in repeated:  # every copy of a report stays with its patient's split
+        assert split_of.setdefault(row["subject_id"], row["split"]) == row["split"]
 
 
 def test_phantom_dataset_build(tiny_cfg):

@@ -30,7 +30,7 @@ from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
 from roentgen_lib.files import fingerprint_dir, replace_dir, temporary_sibling, write_json_atomic
 from roentgen_lib.progress import library_progress_bars
-from roentgen_lib.text.labels import OBSERVATIONS, device_kinds, label_report, label_vector
+from roentgen_lib.text.labels import OBSERVATIONS, PATHOLOGIES, device_kinds, label_report, label_vector
 from roentgen_lib.text.reports import read_iu_reports, report_prompt
 
 SPLITS = ("train", "validation", "test")
@@ -69,21 +69,29 @@ def patient_split(subject_id: str, val_fraction: float, test_fraction: float) ->
 
 
 def plan_phantom(cfg: Config) -> tuple[list[dict], Counter]:
-    """One row per image to render: a seeded draw of IU reports (cycled if more images than reports)."""
+    """One row per image to render: a seeded draw of IU reports (cycled if more images than reports).
+
+    With `finding_repeats` > 1 each report with a positive finding enters the draw that many times
+    (rendered as different images of the same patient, so splits stay patient-disjoint): IU-Xray is
+    three quarters normal, too few findings for a small model to learn them from.
+    """
     skipped: Counter = Counter()
-    usable = []
+    pool = []
     for report in read_iu_reports():
         prompt = report_prompt(report.sections)
         if prompt is None:
             skipped["no_impression_or_findings"] += 1
-        else:
-            usable.append((report, prompt))
-    order = np.random.default_rng(cfg.seed).permutation(len(usable))
-    rows = []
-    for index in range(cfg.n_images or len(usable)):
-        report, prompt = usable[order[index % len(usable)]]
+            continue
+        abnormal = any(label["status"] == "positive" for name, label in label_report(prompt).items()
+                       if name in PATHOLOGIES)
+        pool.extend([(report, prompt)] * (cfg.finding_repeats if abnormal else 1))
+    order = np.random.default_rng(cfg.seed).permutation(len(pool))
+    rows, copies = [], Counter()
+    for index in range(cfg.n_images or len(pool)):
+        report, prompt = pool[order[index % len(pool)]]
+        copies[report.report_id] += 1
         rows.append({"index": index, "subject_id": report.subject_id, "prompt": prompt,
-                     "image_id": f"{report.report_id}-{index // len(usable)}",
+                     "image_id": f"{report.report_id}-{copies[report.report_id] - 1}",
                      "split": patient_split(report.subject_id, cfg.val_fraction, cfg.test_fraction)})
     return rows, skipped
 
