@@ -126,6 +126,18 @@ def load_base(name_or_path: str, text_encoder: str | None = None) -> Base:
                 noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler"))
 
 
+def weights_fingerprint(*modules: nn.Module, extra: str = "") -> str:
+    """SHA-256 over every tensor (name and bytes) of the given modules, plus `extra`: same digest, same weights."""
+    import hashlib
+
+    digest = hashlib.sha256(extra.encode())
+    for module in modules:
+        for key, tensor in sorted(module.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_base(base: Base, folder: Path) -> None:
     """Save as a diffusers pipeline folder (safetensors); a projected text encoder is saved beside it.
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -45,7 +43,7 @@ from transformers.utils import logging as transformers_logging
 from roentgen_lib.config import Config, relative
 from roentgen_lib.data.masks import LEFT_LUNG, RIGHT_LUNG, load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
-from roentgen_lib.models import generate_images, load_pipeline
+from roentgen_lib.models import generate_images, load_pipeline, weights_fingerprint
 from roentgen_lib.text.labels import label_report
 from roentgen_lib.text.tokenizer import truncated_part
 
@@ -100,12 +98,7 @@ def available_models(cfg: Config) -> dict[str, Path]:
 
 def model_fingerprint(pipe: StableDiffusionPipeline, lora_scale: float) -> str:
     """SHA-256 over every weight of U-Net, text encoder and VAE, plus the LoRA scale."""
-    digest = hashlib.sha256(f"lora_scale={lora_scale}".encode())
-    for part in ("unet", "text_encoder", "vae"):
-        for key, tensor in sorted(getattr(pipe, part).state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return weights_fingerprint(pipe.unet, pipe.text_encoder, pipe.vae, extra=f"lora_scale={lora_scale}")
 
 
 def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None) -> Model:

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +40,11 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from tqdm import tqdm
 
-from roentgen_lib.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
+from roentgen_lib.checkpoints import latest_checkpoint, load_state, read_checkpoint, write_checkpoint
 from roentgen_lib.config import SAMPLING_FIELDS, VARIANTS, Config
 from roentgen_lib.data.dataset import load as load_dataset
 from roentgen_lib.files import replace_dir, temporary_sibling, write_json_atomic
-from roentgen_lib.models import Base, images_to_tensor, load_base, sample_grid, save_base
+from roentgen_lib.models import Base, images_to_tensor, load_base, sample_grid, save_base, weights_fingerprint
 from roentgen_lib.progress import library_progress_bars
 
 CAPTION_DROPOUT = 0.1  # share of prompts replaced by "" so classifier-free guidance works
@@ -235,6 +239,35 @@ def check_same_run(saved: dict, cfg: Config, folder: Path) -> None:
                          "or resume=False to start over")
 
 
+def inputs_fingerprint(base_weights: str, pairs: Pairs) -> str:
+    """What a run starts from: the base's weights and the cached training data (latents and token ids)."""
+    digest = hashlib.sha256(base_weights.encode())
+    for tensor in (pairs.latent_mean, pairs.latent_std, pairs.input_ids):
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def set_aside_if_stale(run_dir: Path, inputs: str) -> None:
+    """Move a run folder whose checkpoints start from another base or dataset to `<name>.stale-N`.
+
+    Resuming them would silently continue from weights trained on something else (say, a base
+    rebuilt by changed code); they are kept, renamed, never deleted.
+    """
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        return
+    saved = load_state(folder, "inputs") if (folder / "inputs.json").is_file() else None
+    if saved == inputs:
+        return
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
+        n += 1
+    aside = run_dir.with_name(f"{run_dir.name}.stale-{n}")
+    os.replace(run_dir, aside)
+    warnings.warn(f"{run_dir} was trained from a different base model or dataset; moved it to {aside.name} "
+                  "and starting this run afresh", stacklevel=2)
+
+
 def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) -> int:
     """Load the latest checkpoint of a run into the training objects; return its step (0 if none)."""
     folder = latest_checkpoint(run_dir)
@@ -324,6 +357,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
                                  accelerator.num_processes, accelerator.device)
     run_dir = run_dir or cfg.run_path
     base = load_base(base_path or cfg.base_model_path, cfg.text_encoder)
+    base_weights = weights_fingerprint(base.vae, base.unet, base.text_encoder)
     models = trained_models(base, cfg)
     for model in (base.vae, base.unet, base.text_encoder):
         model.to(device)
@@ -334,6 +368,10 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     frozen_text = "text_encoder" not in models
     train = cache_pairs(base, *train_data, cfg.image_size, frozen_text, progress=cfg.progress and main)
     val = cache_pairs(base, *val_data, cfg.image_size, frozen_text, progress=False)
+    inputs = inputs_fingerprint(base_weights, train)
+    if cfg.resume and main:
+        set_aside_if_stale(run_dir, inputs)
+    accelerator.wait_for_everyone()
     params = trained_parameters(models)
     optimizer = make_optimizer(params, cfg)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -377,7 +415,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
         if step % cfg.validation_every == 0 or step == cfg.max_steps:
             validate(base, models, val, cfg, device, run_dir, step, log if main else None)
         if step % cfg.checkpoint_every == 0 and main:
-            states = {"run": cfg.to_dict(), "models": trained_state(models), "optimizer": optimizer.state_dict(),
+            states = {"run": cfg.to_dict(), "inputs": inputs, "models": trained_state(models), "optimizer": optimizer.state_dict(),
                       "lr_scheduler": lr_scheduler.state_dict(), **({"ema": ema.state_dict()} if ema else {})}
             write_checkpoint(run_dir, step, states, cfg.checkpoints_total_limit)
         accelerator.wait_for_everyone()
@@ -385,7 +423,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     if ema is not None:
         ema.copy_to(params)
     steps_run = cfg.max_steps - start
-    seconds_per_step = train_seconds / steps_run if steps_run else math.nan
+    seconds_per_step = train_seconds / steps_run if steps_run else recorded_seconds_per_step(run_dir)
     output = save_outputs(base, models, cfg, run_dir) if main else run_dir
     result = TrainResult(run_dir=run_dir, output_dir=output, log=run_dir / "log.csv", steps=cfg.max_steps,
                          seconds_per_step=seconds_per_step, images_per_second=images_per_step / seconds_per_step,
@@ -397,6 +435,12 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def recorded_seconds_per_step(run_dir: Path) -> float:
+    """Seconds per step the finished run recorded (a rerun of a finished run trains no step itself)."""
+    record = run_dir / "run.json"
+    return float(json.loads(record.read_text()).get("seconds_per_step", math.nan)) if record.is_file() else math.nan
 
 
 def validate(base: Base, models, val: Pairs, cfg: Config, device, run_dir: Path, step: int, log: RunLog | None) -> None:

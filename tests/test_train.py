@@ -92,6 +92,24 @@ def test_lora_output_loads_and_scale_zero_is_the_base(tiny_world):
     assert not np.array_equal(base, tuned) and np.array_equal(base, off)
 
 
+def test_a_run_from_another_base_is_set_aside_not_resumed(tiny_world, tmp_path):
+    first = run(tiny_world, run_name="rebased", resume=False)
+    other = models.load_base(tiny_world.base_model_path)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.01)  # as if the base had been rebuilt by changed code
+    models.save_base(other, tmp_path / "other_base")
+    with pytest.warns(UserWarning, match="different base model or dataset"):
+        again = run(tiny_world, run_name="rebased", base_model=str(tmp_path / "other_base"))
+    assert (first.run_dir.parent / "rebased.stale-1" / "checkpoint-12").is_dir()
+    fresh = run(tiny_world, run_name="rebased_fresh", base_model=str(tmp_path / "other_base"), resume=False)
+    ours, reference = weights(again.output_dir), weights(fresh.output_dir)
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[f][k], reference[f][k]) for f in ours for k in ours[f])
+    assert again.seconds_per_step > 0
+    resumed_finished = run(tiny_world, run_name="rebased", base_model=str(tmp_path / "other_base"))
+    assert resumed_finished.seconds_per_step == pytest.approx(again.seconds_per_step)  # recorded, not NaN
+
+
 def test_full_output_is_a_diffusers_pipeline(tiny_world):
     from diffusers import StableDiffusionPipeline
 
