@@ -107,9 +107,12 @@ def reference_script() -> Path:
 
 
 def prepare_base(folder: Path) -> Path:
-    """Save the untrained demo-architecture tiny Stable Diffusion as a diffusers folder (once)."""
-    if not (folder / "model_index.json").is_file():
-        build_components("demo", IMAGE_SIZE, seed=0).pipeline().save_pretrained(folder, safe_serialization=True)
+    """Save the untrained demo-architecture tiny Stable Diffusion as a diffusers folder.
+
+    Rebuilt on every run (a second): a cached copy would outlive changes to the architecture.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    build_components("demo", IMAGE_SIZE, seed=0).pipeline().save_pretrained(folder, safe_serialization=True)
     return folder
 
 
