@@ -117,8 +117,7 @@ def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None)
     finetuned = None if name == "base" else models[name]
     pipe = load_pipeline(cfg.base_model_path, finetuned, scale)
     is_lora = finetuned is not None and finetuned.name == "lora"
-    return Model(name, pipe, model_fingerprint(pipe, scale if is_lora else 1.0),
-                 relative(models[name]) if Path(models[name]).exists() else str(models[name]))
+    return Model(name, pipe, model_fingerprint(pipe, scale if is_lora else 1.0), relative(models[name]))
 
 
 def use_scheduler(pipe, name: str) -> None:
@@ -139,7 +138,8 @@ def check_prompts(prompts: list[str], tokenizer) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise SamplingError(f"prompt {k} is empty ({prompt!r}); describe the image, e.g. "
                                 "'no acute cardiopulmonary process' (unconditional images: guidance_scale=1)")
-    dropped = {k: truncated_part(p, tokenizer) for k, p in enumerate(prompts) if p not in prompts[:k]}
+    first_index = {p: k for k, p in reversed(list(enumerate(prompts)))}  # each distinct prompt once
+    dropped = {k: truncated_part(p, tokenizer) for p, k in sorted(first_index.items(), key=lambda item: item[1])}
     long = {k: part for k, part in dropped.items() if part}
     if long:
         shown = "; ".join(f"prompt {k}: {part!r}" for k, part in list(long.items())[:3])

@@ -158,7 +158,8 @@ def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, p
     starts = range(0, len(jobs), settings.batch_size)
     todo = [s for s in starts if not (parts / f"batch-{s:08d}.safetensors").is_file()]
     started, drawn = time.perf_counter(), 0
-    with tqdm(total=len(jobs), initial=len(jobs) - sum(len(jobs[s : s + settings.batch_size]) for s in todo),
+    remaining = sum(min(settings.batch_size, len(jobs) - s) for s in todo)
+    with tqdm(total=len(jobs), initial=len(jobs) - remaining,
               desc="synthetic images", unit="img", disable=not progress) as bar:
         for start in todo:
             batch = jobs.iloc[start : start + settings.batch_size]
