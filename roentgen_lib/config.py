@@ -218,9 +218,13 @@ def check_names(overrides: dict[str, Any]) -> None:
     allowed = parameter_names()
     for name in overrides:
         if name not in allowed:
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown parameter {name!r}{hint}; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"unknown parameter {name!r}{did_you_mean(name, allowed)}; allowed: {', '.join(allowed)}")
+
+
+def did_you_mean(name: str, choices) -> str:
+    """" (did you mean 'x'?)" for the closest of `choices`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_types(cfg: Config) -> None:

@@ -152,6 +152,13 @@ def fig_training_curves(logs: dict[str, pd.DataFrame], smooth: int = 10) -> Figu
     return fig
 
 
+def show_image(ax, image: np.ndarray) -> None:
+    """An image panel without ticks: colour as it is, grey images in grey (0-255)."""
+    ax.imshow(image, cmap="gray" if np.ndim(image) == 2 else None, vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def fig_image_rows(rows: dict[str, np.ndarray], prompts: list[str]) -> Figure:
     """A grid: one row per model (label on the left), one column per prompt (title on top).
 
@@ -163,9 +170,7 @@ def fig_image_rows(rows: dict[str, np.ndarray], prompts: list[str]) -> Figure:
     for r, (label, images) in enumerate(rows.items()):
         for c, image in enumerate(images):
             ax = fig.add_subplot(len(rows), len(prompts), r * len(prompts) + c + 1)
-            ax.imshow(image, cmap="gray" if np.ndim(image) == 2 else None, vmin=0, vmax=255)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            show_image(ax, image)
             if r == 0:
                 ax.set_title(textwrap.fill(prompts[c], 24), fontsize=8)
             if c == 0:
@@ -182,9 +187,7 @@ def fig_spec_grid(specs: list[dict], images: np.ndarray) -> Figure:
     for spec, image in zip(specs, images):
         r, c = rows.index((spec["finding"], spec["side"])), severities.index(spec["severity"])
         ax = fig.add_subplot(len(rows), len(severities), r * len(severities) + c + 1)
-        ax.imshow(image, cmap="gray" if np.ndim(image) == 2 else None, vmin=0, vmax=255)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        show_image(ax, image)
         if r == 0:
             ax.set_title(spec["severity"], fontsize=9)
         if c == 0:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from PIL import Image
 from scipy import ndimage
 from transformers.utils import logging as transformers_logging
 
-from roentgen_lib.config import Config, relative
+from roentgen_lib.config import Config, did_you_mean, relative
 from roentgen_lib.data.masks import LEFT_LUNG, RIGHT_LUNG, load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
 from roentgen_lib.models import generate_images, load_pipeline, weights_fingerprint
@@ -105,10 +104,8 @@ def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None)
     """The base (`"base"`) or a fine-tuning run by folder name; LoRA adapters at `lora_scale` (default cfg's)."""
     models = available_models(cfg)
     if name not in models:
-        close = difflib.get_close_matches(name, list(models), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise SamplingError(f"no finished run {name!r} in {relative(cfg.models_path)}{hint}; available: "
-                            f"{', '.join(models)}. Fine-tuning runs are made by 02_finetune_lora and 03_finetune_full")
+        raise SamplingError(f"no finished run {name!r} in {relative(cfg.models_path)}{did_you_mean(name, models)}; "
+                            f"available: {', '.join(models)}. Fine-tuning runs are made by 02_finetune_lora and 03_finetune_full")
     base = Path(cfg.base_model_path)
     if base.is_absolute() and not (base / "model_index.json").is_file():
         raise SamplingError(f"no base model at {relative(base)} (no model_index.json): build the project's "
@@ -123,9 +120,8 @@ def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None)
 def use_scheduler(pipe, name: str) -> None:
     """Switch the pipeline's sampler, keeping the model's noise schedule."""
     if name not in SCHEDULERS:
-        close = difflib.get_close_matches(name, list(SCHEDULERS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise SamplingError(f"unknown scheduler {name!r}{hint}; allowed: {', '.join(SCHEDULERS)}")
+        raise SamplingError(f"unknown scheduler {name!r}{did_you_mean(name, SCHEDULERS)}; "
+                            f"allowed: {', '.join(SCHEDULERS)}")
     if not isinstance(pipe.scheduler, SCHEDULERS[name]):
         pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config, **SCHEDULER_OPTIONS.get(name, {}))
 
@@ -138,9 +134,10 @@ def check_prompts(prompts: list[str], tokenizer) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise SamplingError(f"prompt {k} is empty ({prompt!r}); describe the image, e.g. "
                                 "'no acute cardiopulmonary process' (unconditional images: guidance_scale=1)")
-    first_index = {p: k for k, p in reversed(list(enumerate(prompts)))}  # each distinct prompt once
-    dropped = {k: truncated_part(p, tokenizer) for p, k in sorted(first_index.items(), key=lambda item: item[1])}
-    long = {k: part for k, part in dropped.items() if part}
+    first_index: dict[str, int] = {}
+    for k, prompt in enumerate(prompts):
+        first_index.setdefault(prompt, k)  # each distinct prompt is tokenized once
+    long = {k: part for prompt, k in first_index.items() if (part := truncated_part(prompt, tokenizer))}
     if long:
         shown = "; ".join(f"prompt {k}: {part!r}" for k, part in list(long.items())[:3])
         more = f" (and {len(long) - 3} more)" if len(long) > 3 else ""
