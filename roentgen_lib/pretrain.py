@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import shutil
 import sys
@@ -48,7 +49,20 @@ def pretraining_config(cfg: config.Config) -> config.Config:
                                validation_prompts=GENERAL_VALIDATION_PROMPTS, resume=False, text_encoder=None)
 
 
-RECIPE_FILES = ("models.py", "train.py", "pretrain.py", "data/general.py")
+def recipe_code() -> list[str]:
+    """The source code on the path to the base's weights: the general domain, the components, the loop.
+
+    Only this code counts, so editing, say, validation grids or sampling does not rebuild the base.
+    """
+    from roentgen_lib import models, train
+    from roentgen_lib.data import general
+
+    functions = (models.build_components, models.pretrain_vae, models.images_to_tensor, models.save_base,
+                 train.cache_pairs, train.tokenize, train.encode_text, train.trained_models, train.batch_indices,
+                 train.diffusion_loss, train.make_optimizer, train.step_generator, train.run_training,
+                 general_scenes, pretraining_config, build_base)
+    constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, train.CAPTION_DROPOUT))
+    return [inspect.getsource(general), constants, *(inspect.getsource(f) for f in functions)]
 
 
 def recipe(cfg: config.Config) -> dict:
@@ -57,9 +71,7 @@ def recipe(cfg: config.Config) -> dict:
     A cached base whose recipe differs (code or settings changed) is rebuilt, so a stale base never
     silently stands in for the one this code would build.
     """
-    digest = hashlib.sha256()
-    for name in RECIPE_FILES:
-        digest.update((Path(__file__).parent / name).read_bytes())
+    digest = hashlib.sha256("\n".join(recipe_code()).encode())
     settings = ("profile", "image_size", "seed", "base_images", "base_vae_steps", "base_steps", "batch_size")
     return {"code": digest.hexdigest(), **{k: getattr(cfg, k) for k in settings}}
 
