@@ -40,15 +40,10 @@ from roentgen_lib.data.dataset import load as load_real
 from roentgen_lib.files import replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
 from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.sample import Model, SamplingError, SamplingSettings, generate, grey
+from roentgen_lib.text.compose import NORMAL_PROMPT, compose_prompt, finding_specs
 from roentgen_lib.text.labels import OBSERVATIONS, label_report, label_vector
 
 MANIFEST = "roentgen_synthetic.json"
-SEVERITY_WORDS = {"small": "small", "moderate": "moderate", "large": "large"}
-GRADE_WORDS = {"small": "mild", "moderate": "moderate", "large": "severe"}  # for heart size and edema
-SPEC_SIDES = {"Pleural Effusion": ("left", "right", "bilateral"), "Pneumothorax": ("left", "right"),
-              "Consolidation": ("left", "right"), "Cardiomegaly": (None,), "Edema": (None,)}
-SEVERITIES = ("small", "moderate", "large")
-NORMAL_PROMPT = "no acute cardiopulmonary process."
 FEATURES = datasets.Features({
     "image": datasets.Image(), "prompt": datasets.Value("string"), "source": datasets.Value("string"),
     "spec": datasets.Value("string"), "seed": datasets.Value("int64"), "model": datasets.Value("string"),
@@ -57,25 +52,6 @@ FEATURES = datasets.Features({
     "negative_prompt": datasets.Value("string"), **{obs: datasets.Value("float32") for obs in OBSERVATIONS},
     "intended": datasets.Value("string"),
 })
-
-
-def compose_prompt(finding: str, side: str | None = None, severity: str | None = None) -> str:
-    """Report-style prompt for one finding spec, e.g. ("Pneumothorax", "right", "large") -> "large right pneumothorax."."""
-    if finding not in SPEC_SIDES:
-        raise SamplingError(f"finding {finding!r} cannot be composed; allowed: {', '.join(SPEC_SIDES)}")
-    if side not in SPEC_SIDES[finding]:
-        raise SamplingError(f"side {side!r} is not allowed for {finding}; allowed: {SPEC_SIDES[finding]}")
-    if severity is not None and severity not in SEVERITIES:
-        raise SamplingError(f"severity {severity!r} is not one of {', '.join(SEVERITIES)}")
-    words = {"Cardiomegaly": "cardiomegaly", "Edema": "pulmonary edema", "Pneumothorax": "pneumothorax",
-             "Consolidation": "consolidation", "Pleural Effusion": "pleural effusions" if side == "bilateral" else "pleural effusion"}
-    grade = (GRADE_WORDS if finding in ("Cardiomegaly", "Edema") else SEVERITY_WORDS).get(severity or "", "")
-    return " ".join(w for w in (grade, side or "", words[finding]) if w) + "."
-
-
-def finding_specs(findings: tuple[str, ...] = tuple(SPEC_SIDES), severities: tuple[str, ...] = SEVERITIES) -> list[dict]:
-    """Every (finding, side, severity) combination: the grid of 04's controllability gallery."""
-    return [{"finding": f, "side": side, "severity": sev} for f in findings for side in SPEC_SIDES[f] for sev in severities]
 
 
 def spec_prompts(specs: list[dict], include_normal: bool = True) -> pd.DataFrame:
@@ -213,6 +189,13 @@ def generate_dataset(model: Model, prompts: pd.DataFrame, out: Path, settings: S
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(parts)
+    return datasets.load_from_disk(str(out))
+
+
+def load(out: Path) -> datasets.Dataset:
+    """A finished synthetic dataset (a clear error when there is none at `out`)."""
+    if not (Path(out) / MANIFEST).is_file():
+        raise FileNotFoundError(f"no finished synthetic dataset at {out}: run 04_sampling (or generate_dataset) first")
     return datasets.load_from_disk(str(out))
 
 

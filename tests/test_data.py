@@ -1,6 +1,8 @@
 """Lung masks, the phantom renderer, the MIMIC loader and the dataset builder."""
 
+import dataclasses
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -87,6 +89,17 @@ def test_finding_repeats_oversample_abnormal_reports_within_their_patient():
     split_of = {}
     for row in repeated:  # every copy of a report stays with its patient's split
         assert split_of.setdefault(row["subject_id"], row["split"]) == row["split"]
+
+
+def test_composed_reports_join_the_draw_one_patient_each():
+    rows, _ = dataset.plan_phantom(dataclasses.replace(config.resolve("tiny", composed_reports=300), n_images=None))
+    composed = [r for r in rows if r["subject_id"].startswith("composed-")]
+    assert len(composed) == 300 and len({r["subject_id"] for r in composed}) == 300
+    assert {r["split"] for r in composed} == {"train", "validation", "test"}
+    sides = Counter(label_report(r["prompt"]).get("Pneumothorax", {}).get("laterality") for r in composed)
+    assert sides["left"] > 5 and sides["right"] > 5
+    with pytest.raises(config.ConfigError, match="composed_reports"):
+        config.resolve("paper", mimic_root="/x", composed_reports=10)
 
 
 def test_phantom_dataset_build(tiny_cfg):

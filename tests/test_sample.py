@@ -200,7 +200,7 @@ def test_prompt_csv_needs_a_prompt_column(tmp_path):
 
 
 def test_bad_specs_and_sweeps_are_refused():
-    with pytest.raises(sample.SamplingError, match="side 'left' is not allowed for Cardiomegaly"):
+    with pytest.raises(ValueError, match="side 'left' is not allowed for Cardiomegaly"):
         synthetic.compose_prompt("Cardiomegaly", "left", "large")
     with pytest.raises(config.ConfigError, match="guidance_sweep"):
         config.resolve("tiny", guidance_sweep="1,x")

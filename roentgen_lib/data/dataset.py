@@ -30,6 +30,7 @@ from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
 from roentgen_lib.files import fingerprint_dir, replace_dir, temporary_sibling, write_json_atomic
 from roentgen_lib.progress import library_progress_bars
+from roentgen_lib.text.compose import composed_reports
 from roentgen_lib.text.labels import OBSERVATIONS, PATHOLOGIES, device_kinds, label_report, label_vector
 from roentgen_lib.text.reports import read_iu_reports, report_prompt
 
@@ -73,7 +74,10 @@ def plan_phantom(cfg: Config) -> tuple[list[dict], Counter]:
 
     With `finding_repeats` > 1 each report with a positive finding enters the draw that many times
     (rendered as different images of the same patient, so splits stay patient-disjoint): IU-Xray is
-    three quarters normal, too few findings for a small model to learn them from.
+    three quarters normal, too few findings for a small model to learn them from. `composed_reports`
+    adds that many reports composed from finding specs ("no pneumothorax. large left pleural
+    effusion."), one patient each: what a MIMIC-sized collection holds and IU-Xray does not, every
+    finding on every side (IU-Xray's 12 training pneumothoraces cannot teach a model which side).
     """
     skipped: Counter = Counter()
     pool = []
@@ -84,15 +88,15 @@ def plan_phantom(cfg: Config) -> tuple[list[dict], Counter]:
             continue
         abnormal = any(label["status"] == "positive" for name, label in label_report(prompt).items()
                        if name in PATHOLOGIES)
-        pool.extend([(report, prompt)] * (cfg.finding_repeats if abnormal else 1))
+        pool.extend([(report.subject_id, report.report_id, prompt)] * (cfg.finding_repeats if abnormal else 1))
+    pool.extend((f"composed-{k}", f"composed-{k}", prompt) for k, prompt in enumerate(composed_reports(cfg.composed_reports, cfg.seed)))
     order = np.random.default_rng(cfg.seed).permutation(len(pool))
     rows, copies = [], Counter()
     for index in range(cfg.n_images or len(pool)):
-        report, prompt = pool[order[index % len(pool)]]
-        copies[report.report_id] += 1
-        rows.append({"index": index, "subject_id": report.subject_id, "prompt": prompt,
-                     "image_id": f"{report.report_id}-{copies[report.report_id] - 1}",
-                     "split": patient_split(report.subject_id, cfg.val_fraction, cfg.test_fraction)})
+        subject_id, report_id, prompt = pool[order[index % len(pool)]]
+        copies[report_id] += 1
+        rows.append({"index": index, "subject_id": subject_id, "prompt": prompt, "image_id": f"{report_id}-{copies[report_id] - 1}",
+                     "split": patient_split(subject_id, cfg.val_fraction, cfg.test_fraction)})
     return rows, skipped
 
 

@@ -388,3 +388,16 @@ def render_gallery(prompts: tuple[str, ...], masks: np.ndarray, size: int, seed:
     mask = masks[np.random.default_rng(seed).integers(len(masks))]
     return [render(label_report(p), mask, np.random.default_rng([seed, 0]), size, tuple(device_kinds(p)))
             for p in prompts]
+
+
+def render_prompts(prompts: list[str], masks: np.ndarray, size: int, seed: int) -> list[tuple[np.ndarray, dict]]:
+    """A phantom radiograph for each prompt, image k from its own patient (lung mask) and seed (seed, 9, k).
+
+    The phantom world's "real" images for any text, e.g. prompts the dataset has too few of: 05 uses
+    them as a balanced held-out reference for the prompts the models were asked to draw.
+    """
+    out = []
+    for k, prompt in enumerate(prompts):
+        rng = np.random.default_rng([seed, 9, k])
+        out.append(render(label_report(prompt), masks[rng.integers(len(masks))], rng, size, tuple(device_kinds(prompt))))
+    return out
