@@ -37,6 +37,9 @@ Scheduler = Literal["dpmsolver++", "ddim", "euler", "euler_ancestral", "pndm"]
 SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scale", "negative_prompt", "lora_scale",
                    "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts", "guidance_sweep",
                    "steps_sweep", "edit_strength")
+# Fields read only by evaluation (05): changing them never changes what training produces.
+EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "classifier_epochs", "downstream_seeds",
+                     "downstream_images_per_prompt", "eval_references", "evaluation_dir")
 # Which components a full fine-tune adapts: (train_unet, train_text_encoder).
 VARIANTS = {"unet": (True, False), "text_encoder": (False, True), "both": (True, True)}
 
@@ -56,6 +59,7 @@ class Config:
     output_dir: str | None = None  # dataset folder; None: data/<profile>/cxr_dataset
     figures_dir: str | None = None  # where stage figures go; None: per profile (see below)
     n_images: int | None = None  # image/report pairs to build; None: all available
+    composed_reports: int = 0  # phantom world: reports composed from finding specs added to IU-Xray's (one patient each)
     finding_repeats: int = 1  # phantom world: each report with a positive finding is drawn this many times
     image_size: int = 64  # square side in pixels of every stored image
     seed: int = 0  # seeds every random choice of every stage
@@ -114,6 +118,15 @@ class Config:
     guidance_sweep: str = "1,2,4,8"  # guidance scales compared in 04
     steps_sweep: str = "5,10,20,40"  # step counts compared in 04
     edit_strength: float = 0.7  # image-to-image strength of counterfactual edits (0 keeps, 1 redraws)
+    # --- evaluation (05_evaluation) ---
+    eval_models: str = "all"  # comma list of models scored ("base" or run folder names), or "all"
+    eval_prompts: int = 48  # test-split report prompts drawn per model for fidelity and diversity
+    xrv_weights: str | None = None  # local safetensors of torchxrayvision's DenseNet-121 (FID-XRV); None: unavailable
+    classifier_epochs: int = 12  # epochs of each finding-classifier training (judge and downstream)
+    downstream_seeds: str = "0,1,2"  # classifier seeds of the downstream experiment (mean and spread)
+    downstream_images_per_prompt: int = 16  # synthetic images per spec prompt added to the real training set
+    eval_references: int = 8  # phantom world: rendered test images per spec prompt (4x as many train the judge)
+    evaluation_dir: str | None = None  # evaluation images and tables; None: data/<profile>/evaluation
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -163,6 +176,11 @@ class Config:
     def synthetic_path(self) -> Path:
         """Absolute folder of the synthetic dataset 04_sampling writes and 05_evaluation reads."""
         return project_path(self.synthetic_dir or f"data/{self.profile}/synthetic")
+
+    @property
+    def evaluation_path(self) -> Path:
+        """Absolute folder of what 05_evaluation draws and measures."""
+        return project_path(self.evaluation_dir or f"data/{self.profile}/evaluation")
 
     @property
     def models_path(self) -> Path:
@@ -276,16 +294,20 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
     positive = ("base_images", "base_vae_steps", "base_steps", "lora_rank", "lora_alpha", "batch_size",
                 "gradient_accumulation", "max_steps", "checkpoint_every", "checkpoints_total_limit",
-                "validation_every", "sampling_steps", "images_per_prompt", "sample_batch_size", "finding_repeats")
+                "validation_every", "sampling_steps", "images_per_prompt", "sample_batch_size", "finding_repeats",
+                "eval_prompts", "classifier_epochs", "downstream_images_per_prompt", "eval_references")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(cfg, name)}")
     for name in ("learning_rate", "max_grad_norm"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
-    for name in ("snr_gamma", "noise_offset", "lr_warmup_steps", "lora_scale"):
+    for name in ("snr_gamma", "noise_offset", "lr_warmup_steps", "lora_scale", "composed_reports"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.composed_reports and cfg.data_source != "phantom":
+        raise ConfigError("parameter 'composed_reports' adds phantom images; it cannot be used with data_source="
+                          f"{cfg.data_source!r} (set composed_reports=0)")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"parameter 'ema_decay' must be in [0, 1), got {cfg.ema_decay}")
     unknown = set(cfg.variant_names) - set(VARIANTS)
@@ -356,8 +378,9 @@ PROFILES: dict[str, Config] = {
     "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, base_images=64,
                    base_vae_steps=20, base_steps=20, batch_size=8, max_steps=12, lr_warmup_steps=2,
                    checkpoint_every=6, validation_every=6, sampling_steps=4, images_per_prompt=2,
-                   sample_batch_size=8, guidance_sweep="1,4", steps_sweep="2,4"),
-    "demo": Config(profile="demo", n_images=3000, image_size=64),
+                   sample_batch_size=8, guidance_sweep="1,4", steps_sweep="2,4", eval_prompts=6, classifier_epochs=2,
+                   downstream_seeds="0", downstream_images_per_prompt=1, eval_references=1),
+    "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, max_steps=800, eval_prompts=24),
     "paper": Config(profile="paper", data_source="mimic", n_images=None, image_size=512,
                     base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=1e-5,
                     lr_warmup_steps=500, batch_size=8, gradient_accumulation=32, max_steps=12500,

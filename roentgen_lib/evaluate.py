@@ -23,13 +23,31 @@ Usage::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 import torch
+from diffusers import DDPMScheduler
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
+
+from roentgen_lib.config import Config, number_list
+from roentgen_lib.data.dataset import load as load_real
+from roentgen_lib.data.masks import load_lung_masks
+from roentgen_lib.data.phantom import render_prompts, render_size
+from roentgen_lib.files import write_file_atomic, write_json_atomic
+from roentgen_lib.models import Base
+from roentgen_lib.provenance import git_state
+from roentgen_lib.sample import Model, SamplingError, SamplingSettings, available_models, generate, grey
+from roentgen_lib.synthetic import generate_dataset, split_prompts
+from roentgen_lib.text.compose import HELD_OUT_PHRASINGS, NORMAL_PROMPT, finding_specs, negated_prompt
+from roentgen_lib.text.labels import label_report
+from roentgen_lib.train import Pairs, cache_pairs, validation_loss
 
 FINDINGS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Edema", "Consolidation")
 LATERAL = ("Pleural Effusion", "Pneumothorax")
@@ -55,16 +73,20 @@ def truth_table(split) -> pd.DataFrame:
     columns = [c for c in ("drawn", "intended", "report_labels") if c in split.column_names]
     if not columns:
         raise ValueError(f"no ground truth in columns {split.column_names}: expected drawn, intended or report_labels")
+    return truth_of_labels([labels_of_row(row) for row in split.select_columns(columns)])
+
+
+def truth_of_labels(labels: list[dict[str, dict]]) -> pd.DataFrame:
+    """The truth table of labels in the labeler's format, one row per image (or report)."""
     rows = []
-    for row in split.select_columns(columns):
-        labels = labels_of_row(row)
-        entry = {f: float(labels.get(f, {}).get("status") == "positive") for f in FINDINGS}
+    for entry_labels in labels:
+        entry = {f: float(entry_labels.get(f, {}).get("status") == "positive") for f in FINDINGS}
         for f in LATERAL:
             positive = entry[f] == 1.0
-            entry[f"{f} side"] = labels[f].get("laterality") if positive else None
-            entry[f"{f} size"] = labels[f].get("severity") if positive else None
+            entry[f"{f} side"] = entry_labels[f].get("laterality") if positive else None
+            entry[f"{f} size"] = entry_labels[f].get("severity") if positive else None
         rows.append(entry)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*FINDINGS, *(f"{f} {h}" for f in LATERAL for h in ("side", "size"))])
 
 
 def images_array(split, size: int) -> np.ndarray:
@@ -75,7 +97,7 @@ def images_array(split, size: int) -> np.ndarray:
 class FindingNet(nn.Module):
     """A small CNN: four strided conv stages, global pooling, one head per question."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
         layers, channels = [], 1
         for out in (width, 2 * width, 4 * width, 4 * width):
@@ -173,3 +195,524 @@ def controllability_table(prediction: dict, truth: pd.DataFrame, **keys: str) ->
             rows.append({**keys, "finding": finding, "metric": f"{head} correct ({' vs '.join(asked)})",
                          "value": round(float(correct), 4), "images": int(wanted.sum())})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- fidelity (FID with three feature extractors)
+
+class ClassifierFeatures(nn.Module):
+    """The pooled features of our own FindingNet, as the feature extractor FID calls: always available offline."""
+
+    def __init__(self, net: FindingNet) -> None:
+        super().__init__()
+        self.net = net
+        self.num_features = net.feature_width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # uint8 (N, 3, H, W)
+        return self.net.body(images.float().mean(dim=1, keepdim=True) / 127.5 - 1.0)
+
+
+class XrvFeatures(nn.Module):
+    """torchxrayvision's DenseNet-121 (all-datasets model) pooled features: the chest-X-ray "FID-XRV".
+
+    The weights must be a local safetensors file of `xrv.models.DenseNet` (torchxrayvision itself
+    downloads pickles, which this project never loads); images are resized to 224 px and scaled
+    to the [-1024, 1024] range the model was trained on.
+    """
+
+    num_features = 1024
+
+    def __init__(self, weights: Path) -> None:
+        super().__init__()
+        import torchxrayvision as xrv
+        from safetensors.torch import load_file
+
+        self.model = xrv.models.DenseNet(weights=None)
+        state = load_file(str(weights))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m != "op_threshs"]:
+            raise ValueError(f"{weights} does not hold torchxrayvision DenseNet-121 weights "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.model.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grey = images.float().mean(dim=1, keepdim=True) / 255.0 * 2048.0 - 1024.0
+        return self.model.features2(nn.functional.interpolate(grey, size=224, mode="bilinear", align_corners=False))
+
+
+INCEPTION_UNAVAILABLE = ("Inception-v3 FID weights are a pickled download (torch-fidelity); this project runs offline "
+                         "and loads safetensors only")
+
+
+def feature_extractors(net: FindingNet, xrv_weights: str | Path | None) -> dict[str, nn.Module | str]:
+    """FID feature extractors by name, or the reason one is unavailable (never a stand-in number)."""
+    extractors: dict[str, nn.Module | str] = {"Inception-v3": INCEPTION_UNAVAILABLE}
+    if xrv_weights is None or not Path(xrv_weights).is_file():
+        extractors["XRV DenseNet"] = (f"no torchxrayvision DenseNet weights at {xrv_weights} (set xrv_weights to a "
+                                      "local safetensors file)")
+    else:
+        extractors["XRV DenseNet"] = XrvFeatures(Path(xrv_weights))
+    extractors["FindingNet (ours)"] = ClassifierFeatures(net)
+    return extractors
+
+
+def rgb_batches(images: np.ndarray, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """uint8 (N, H, W) grey images as uint8 (B, 3, H, W) tensors, as FID extractors take them."""
+    for start in range(0, len(images), batch_size):
+        yield torch.from_numpy(images[start : start + batch_size]).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+@torch.no_grad()
+def frechet_distance(extractor: nn.Module, real: np.ndarray, synthetic: np.ndarray) -> float:
+    """FID between two sets of uint8 grey images in the feature space of `extractor` (torchmetrics)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=extractor, normalize=False, input_img_size=(3, *real.shape[1:]))
+    for images, is_real in ((real, True), (synthetic, False)):
+        for batch in rgb_batches(images):
+            metric.update(batch, real=is_real)
+    return float(metric.compute())
+
+
+def fid_table(extractors: dict[str, nn.Module | str], real: np.ndarray, synthetic: np.ndarray, **keys) -> pd.DataFrame:
+    """One FID row per feature extractor; an unavailable extractor gives NaN and the reason."""
+    rows = []
+    for name, extractor in extractors.items():
+        available = not isinstance(extractor, str)
+        value = frechet_distance(extractor, real, synthetic) if available else float("nan")
+        rows.append({**keys, "metric": f"FID ({name})", "value": float(f"{value:.4g}"), "real images": len(real),
+                     "synthetic images": len(synthetic), "note": "" if available else extractor})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- diversity (MS-SSIM within groups)
+
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001)  # the first three scales of MS-SSIM: 64-px images hold no more
+
+
+def mean_pairwise_ms_ssim(images: np.ndarray) -> float:
+    """Mean MS-SSIM over all pairs of uint8 grey images (1: identical; lower: more diverse)."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+
+    first, second = np.triu_indices(len(images), k=1)
+    x = torch.from_numpy(images).float().unsqueeze(1) / 255.0
+    betas = tuple(b / sum(MS_SSIM_BETAS) for b in MS_SSIM_BETAS)
+    kernel = 7 if images.shape[-1] < 96 else 11
+    scores = ms_ssim(x[first], x[second], data_range=1.0, kernel_size=kernel, betas=betas, reduction="none")
+    return float(scores.mean())
+
+
+def diversity_table(images: np.ndarray, groups: list[str], **keys) -> pd.DataFrame:
+    """Mean pairwise MS-SSIM within each group (same prompt, or same labels), averaged over groups."""
+    frame = pd.DataFrame({"group": groups})
+    values = [mean_pairwise_ms_ssim(images[idx.to_numpy()]) for _, idx in frame.groupby("group").groups.items()
+              if len(idx) > 1]
+    return pd.DataFrame([{**keys, "metric": "MS-SSIM within group", "value": round(float(np.mean(values)), 4),
+                          "groups": len(values)}])
+
+
+# ---------------------------------------------------------------- memorization audit
+
+def nearest_distances(queries: np.ndarray, references: np.ndarray, exclude_self: bool = False,
+                      batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distance from each query row to its nearest reference row, and that row's index."""
+    q, r = torch.from_numpy(queries).float(), torch.from_numpy(references).float()
+    best, where = [], []
+    for start in range(0, len(q), batch_size):
+        d = torch.cdist(q[start : start + batch_size], r)
+        if exclude_self:
+            d[torch.arange(len(d)), torch.arange(start, start + len(d))] = float("inf")
+        value, index = d.min(dim=1)
+        best.append(value)
+        where.append(index)
+    return torch.cat(best).numpy(), torch.cat(where).numpy()
+
+
+def flatten(images: np.ndarray) -> np.ndarray:
+    """Pixel vectors in [0, 1] (pixel-space nearest neighbours)."""
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def memorization_audit(synthetic: np.ndarray, train: np.ndarray, synthetic_features: np.ndarray,
+                       train_features: np.ndarray, quantile: float = 0.01) -> pd.DataFrame:
+    """For each synthetic image, its nearest training image in pixel and feature space, and a near-copy flag.
+
+    The threshold is data-driven: a synthetic image is flagged when it lies closer to a training image
+    than `quantile` of training images lie to their own nearest other training image (different
+    patients in the training set are the benchmark for "too close"). Runs on any synthetic dataset.
+    """
+    frame = {}
+    for space, query, reference in (("pixel", flatten(synthetic), flatten(train)),
+                                    ("feature", synthetic_features, train_features)):
+        distance, index = nearest_distances(query, reference)
+        train_to_train, _ = nearest_distances(reference, reference, exclude_self=True)
+        threshold = float(np.quantile(train_to_train, quantile))
+        frame[f"{space} distance"] = distance
+        frame[f"{space} nearest"] = index
+        frame[f"{space} threshold"] = threshold
+        frame[f"{space} flagged"] = distance < threshold
+    table = pd.DataFrame(frame)
+    table["flagged"] = table["pixel flagged"] | table["feature flagged"]
+    return table
+
+
+def memorization_summary(audit: pd.DataFrame, **keys) -> pd.DataFrame:
+    """Share of synthetic images flagged as near-copies, per space and overall."""
+    return pd.DataFrame([{**keys, "metric": f"near-copies ({name})", "value": round(float(audit[column].mean()), 4),
+                          "images": len(audit)}
+                         for name, column in (("pixel", "pixel flagged"), ("feature", "feature flagged"),
+                                              ("either", "flagged"))])
+
+
+# ---------------------------------------------------------------- text-encoder probe
+
+@torch.no_grad()
+def text_embeddings(text_encoder: nn.Module, tokenizer, prompts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Mean text-encoder state over each prompt's tokens (start to end-of-text), one row per prompt."""
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start : start + batch_size], padding="max_length", truncation=True,
+                           max_length=tokenizer.model_max_length, return_tensors="pt")
+        states = text_encoder(tokens.input_ids)[0]
+        mask = tokens.attention_mask.unsqueeze(-1).to(states.dtype)
+        rows.append(((states * mask).sum(1) / mask.sum(1)).numpy())
+    return np.concatenate(rows)
+
+
+def probe_table(train_embeddings: np.ndarray, train_truth: pd.DataFrame, test_embeddings: np.ndarray,
+                test_truth: pd.DataFrame, seed: int, **keys) -> pd.DataFrame:
+    """Linear probe (logistic regression) per finding on text embeddings: AUROC on held-out reports."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows = []
+    for finding in FINDINGS:
+        y_train, y_test = train_truth[finding].to_numpy(), test_truth[finding].to_numpy()
+        usable = 0 < y_train.sum() < len(y_train) and 0 < y_test.sum() < len(y_test)
+        value = float("nan")
+        if usable:
+            probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+            probe.fit(train_embeddings, y_train)
+            value = roc_auc_score(y_test, probe.predict_proba(test_embeddings)[:, 1])
+        rows.append({**keys, "finding": finding, "metric": "probe AUROC", "value": round(float(value), 4),
+                     "test positives": int(y_test.sum())})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- downstream augmentation
+
+def downstream_table(train_sets: dict[str, tuple[np.ndarray, pd.DataFrame]], test_images: np.ndarray,
+                     test_truth: pd.DataFrame, seeds: list[int], epochs: int = 12, progress: bool = False) -> pd.DataFrame:
+    """Train the classifier on each named training set with each seed; AUROC per finding on the real test set."""
+    tables = []
+    for name, (images, truth) in tqdm(list(train_sets.items()), desc="downstream", disable=not progress):
+        for seed in seeds:
+            net = train_classifier(images, truth, seed=seed, epochs=epochs)
+            table = alignment_table(predict(net, test_images), test_truth, training=name, seed=str(seed))
+            table["train images"] = len(images)
+            tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+# ---------------------------------------------------------------- what 05_evaluation runs
+
+PROMPT_SETS = ("report language", "held-out phrasing", "test")
+
+
+def evaluation_prompts(cfg: Config) -> pd.DataFrame:
+    """The prompts every model is scored on, with `source` naming the set.
+
+    "report language": every finding spec composed with a negation of another finding; "held-out
+    phrasing": the same findings in words no composed report uses; "test": a seeded sample of
+    `eval_prompts` test-split reports (source `test:<image_id>`, so each has a real counterpart).
+    """
+    report = [{"prompt": negated_prompt(**spec), "source": "report language", "spec": json.dumps(spec, sort_keys=True)}
+              for spec in finding_specs()]
+    report.append({"prompt": NORMAL_PROMPT, "source": "report language", "spec": json.dumps({"finding": "No Finding"})})
+    held_out = [{"prompt": p, "source": "held-out phrasing", "spec": ""} for p in HELD_OUT_PHRASINGS]
+    test = split_prompts(cfg, "test")
+    test = test.sample(n=min(cfg.eval_prompts, len(test)), random_state=cfg.seed).sort_index()
+    return pd.concat([pd.DataFrame(report), pd.DataFrame(held_out), test], ignore_index=True)
+
+
+def prompt_set(sources) -> np.ndarray:
+    """The prompt set of each row from its `source` ("test:<id>" -> "test")."""
+    return np.array([s.split(":")[0] for s in sources])
+
+
+def seen_in_training(prompts: list[str], train_prompts: list[str]) -> pd.DataFrame:
+    """Whether each prompt occurs, as a whole sentence sequence, in any training report (lower case)."""
+    corpus = "\n".join(p.lower() for p in train_prompts)
+    return pd.DataFrame({"prompt": prompts, "seen in training": [p.lower() in corpus for p in prompts]})
+
+
+def model_names(cfg: Config) -> list[str]:
+    """The models `eval_models` names ("all": the base and every finished run), checked to exist."""
+    available = list(available_models(cfg))
+    if cfg.eval_models.strip() == "all":
+        return available
+    names = [n.strip() for n in cfg.eval_models.split(",") if n.strip()]
+    for name in names:
+        if name not in available:
+            raise SamplingError(f"eval_models names {name!r}, which is not a finished model; available: {', '.join(available)}")
+    return names
+
+
+def evaluation_images(cfg: Config, model: Model) -> datasets.Dataset:
+    """`images_per_prompt` images of `model` for every evaluation prompt (cached and resumable, as in 04)."""
+    return generate_dataset(model, evaluation_prompts(cfg), cfg.evaluation_path / "images" / model.name,
+                            SamplingSettings.from_config(cfg), cfg.images_per_prompt, cfg.seed, cfg.progress)
+
+
+def rendered_references(cfg: Config, prompts: list[str], per_prompt: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """Phantom radiographs drawn for `prompts` (per_prompt each) and what was drawn; none outside the phantom world.
+
+    The phantom world can render any report, so its "real" images need not come from the dataset
+    alone: a balanced set for each finding and side trains the judge and extends the test set.
+    """
+    if cfg.data_source != "phantom" or not prompts:
+        return np.zeros((0, cfg.image_size, cfg.image_size), np.uint8), truth_of_labels([])
+    rendered = render_prompts(list(prompts) * per_prompt, load_lung_masks(render_size(cfg.image_size)), cfg.image_size, seed)
+    labels = [labels_of_row({"drawn": json.dumps(drawn)}) for _, drawn in rendered]
+    return np.stack([image for image, _ in rendered]), truth_of_labels(labels)
+
+
+def spec_report_prompts() -> list[str]:
+    """One composed report per finding spec, and the normal report."""
+    return [negated_prompt(**spec) for spec in finding_specs()] + [NORMAL_PROMPT]
+
+
+def is_composed(split) -> np.ndarray:
+    """Rows of a dataset split whose report was composed from a spec (not IU-Xray or MIMIC)."""
+    return np.array([s.startswith("composed-") for s in split["subject_id"]])
+
+
+@dataclass
+class RealImages:
+    """Real images with their truth: the judge's training set and the held-out test set."""
+
+    train: np.ndarray
+    train_truth: pd.DataFrame
+    test: np.ndarray
+    test_truth: pd.DataFrame
+    report_train: np.ndarray  # training images from collected reports only (IU-Xray / MIMIC): the downstream set
+    report_train_truth: pd.DataFrame
+
+
+def real_images(cfg: Config) -> RealImages:
+    """Training and test images of the dataset; in the phantom world plus rendered references.
+
+    The judge learns from the training split plus `4 x eval_references` rendered images per spec;
+    the test split is extended by `eval_references` rendered images per spec (other seeds), so every
+    finding and side has test positives (IU-Xray's test split has no pneumothorax).
+    """
+    data = load_real(cfg)
+    train, test = images_array(data["train"], cfg.image_size), images_array(data["test"], cfg.image_size)
+    train_truth, test_truth = truth_table(data["train"]), truth_table(data["test"])
+    collected = ~is_composed(data["train"])
+    judge_extra = rendered_references(cfg, spec_report_prompts(), 4 * cfg.eval_references, cfg.seed + 101)
+    test_extra = rendered_references(cfg, spec_report_prompts(), cfg.eval_references, cfg.seed + 202)
+    return RealImages(np.concatenate([train, judge_extra[0]]), pd.concat([train_truth, judge_extra[1]], ignore_index=True),
+                      np.concatenate([test, test_extra[0]]), pd.concat([test_truth, test_extra[1]], ignore_index=True),
+                      train[collected], train_truth[collected].reset_index(drop=True))
+
+
+def train_judge(cfg: Config, real: RealImages) -> FindingNet:
+    """The finding classifier that scores every model, trained on real (and rendered) training images."""
+    return train_classifier(real.train, real.train_truth, seed=cfg.seed, epochs=cfg.classifier_epochs, progress=cfg.progress)
+
+
+def counterparts(cfg: Config, sources) -> np.ndarray:
+    """The real test images behind "test:<image_id>" sources, in order."""
+    test = load_real(cfg)["test"]
+    position = {image_id: k for k, image_id in enumerate(test["image_id"])}
+    ids = [s.split(":", 1)[1] for s in sources]
+    return images_array(test.select([position[i] for i in ids]), cfg.image_size)
+
+
+def label_groups(truth: pd.DataFrame) -> list[str]:
+    """A group name per image: its positive findings joined ("normal" when none)."""
+    return ["+".join(f for f in FINDINGS if row[f] == 1.0) or "normal" for _, row in truth.iterrows()]
+
+
+def score_model(cfg: Config, name: str, data: datasets.Dataset, judge: FindingNet,
+                extractors: dict[str, nn.Module | str], train_images: np.ndarray, train_features: np.ndarray) -> pd.DataFrame:
+    """Every per-model metric on its evaluation images, as one tidy table (model, prompts, finding, metric, value)."""
+    images, truth, sets = images_array(data, cfg.image_size), truth_table(data), prompt_set(data["source"])
+    prediction = predict(judge, images)
+    tables = []
+    for chosen in PROMPT_SETS:
+        rows = sets == chosen
+        subset = {k: v[rows] for k, v in prediction.items()}
+        tables.append(alignment_table(subset, truth[rows].reset_index(drop=True), model=name, prompts=chosen))
+        if chosen != "test":
+            tables.append(controllability_table(subset, truth[rows].reset_index(drop=True), model=name, prompts=chosen))
+    test_rows = sets == "test"
+    real = counterparts(cfg, np.array(data["source"])[test_rows][:: cfg.images_per_prompt])
+    tables.append(fid_table(extractors, real, images[test_rows], model=name, prompts="test"))
+    tables.append(diversity_table(images[test_rows], list(np.array(data["prompt"])[test_rows]), model=name, prompts="test"))
+    audit = memorization_audit(images, train_images, prediction["features"], train_features)
+    tables.append(memorization_summary(audit, model=name, prompts="all"))
+    return pd.concat(tables, ignore_index=True)
+
+
+def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extractors: dict[str, nn.Module | str]) -> pd.DataFrame:
+    """The same metrics on real images: the judge's AUROC on the test set, real diversity, a real-vs-real FID."""
+    data = load_real(cfg)
+    test = images_array(data["test"], cfg.image_size)
+    validation = images_array(data["validation"], cfg.image_size)
+    return pd.concat([
+        alignment_table(predict(judge, real.test), real.test_truth, model="real (judge on test set)", prompts="test"),
+        controllability_table(predict(judge, real.test), real.test_truth, model="real (judge on test set)", prompts="test"),
+        fid_table(extractors, test, validation, model="real (test vs validation)", prompts="test"),
+        diversity_table(test, label_groups(truth_table(data["test"])), model="real (same labels)", prompts="test"),
+    ], ignore_index=True)
+
+
+# ---------------------------------------------------------------- text-encoder probe and general-domain forgetting
+
+def probe_texts(cfg: Config) -> tuple[list[str], list[str]]:
+    """Report texts the probe learns from (training split) and is tested on (test split + evaluation prompts)."""
+    data = load_real(cfg)
+    held_out = list(data["test"]["prompt"]) + list(evaluation_prompts(cfg).query("source != 'test'").prompt)
+    return list(data["train"]["prompt"]), held_out
+
+
+def text_probe(cfg: Config, models: dict[str, Model]) -> pd.DataFrame:
+    """Linear-probe AUROC per finding on each model's text-encoder embeddings of report text."""
+    train_texts, test_texts = probe_texts(cfg)
+    train_truth = truth_of_labels([label_report(t) for t in train_texts])
+    test_truth = truth_of_labels([label_report(t) for t in test_texts])
+    tables = []
+    for name, model in models.items():
+        encoder, tokenizer = model.pipe.text_encoder, model.pipe.tokenizer
+        tables.append(probe_table(text_embeddings(encoder, tokenizer, train_texts), train_truth,
+                                  text_embeddings(encoder, tokenizer, test_texts), test_truth, cfg.seed, model=name))
+    return pd.concat(tables, ignore_index=True)
+
+
+@torch.no_grad()
+def general_domain_table(cfg: Config, models: dict[str, Model], scenes: tuple[list, list[str]]) -> pd.DataFrame:
+    """Forgetting: each model's denoising loss on general-domain scenes, and how much it relies on their captions.
+
+    "caption reliance" is the loss with captions shuffled between scenes over the loss with the right
+    ones, minus one (percent): 0 means the model ignores the text.
+    """
+    rows = []
+    for name, model in models.items():
+        pipe = model.pipe
+        base = Base(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config))
+        pairs = cache_pairs(base, *scenes, cfg.image_size, cache_text=True, progress=False)
+        true_loss = validation_loss(base, pairs, cfg, torch.device("cpu"), limit=len(scenes[1]))
+        n = len(scenes[1])
+        order = torch.arange(len(pairs.text_states))
+        order[:n] = torch.roll(order[:n], 1)
+        shuffled = Pairs(pairs.latent_mean, pairs.latent_std, pairs.input_ids, pairs.text_states[order])
+        shuffled_loss = validation_loss(base, shuffled, cfg, torch.device("cpu"), limit=n)
+        rows += [{"model": name, "prompts": "general domain", "metric": "denoising loss", "value": round(true_loss, 4)},
+                 {"model": name, "prompts": "general domain", "metric": "caption reliance (%)",
+                  "value": round(100 * (shuffled_loss / true_loss - 1), 2)}]
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- downstream augmentation
+
+def downstream_prompts(cfg: Config) -> pd.DataFrame:
+    """What the generator is asked for to augment a classifier: every finding spec in report language, and normal."""
+    return evaluation_prompts(cfg).query("source == 'report language'").reset_index(drop=True)
+
+
+def downstream_images(cfg: Config, model: Model) -> datasets.Dataset:
+    """`downstream_images_per_prompt` synthetic images per downstream prompt (cached, resumable)."""
+    return generate_dataset(model, downstream_prompts(cfg), cfg.evaluation_path / "downstream" / model.name,
+                            SamplingSettings.from_config(cfg), cfg.downstream_images_per_prompt, cfg.seed + 1, cfg.progress)
+
+
+def downstream_experiment(cfg: Config, real: RealImages, synthetic: datasets.Dataset) -> pd.DataFrame:
+    """Classifier AUROC on the real test set when trained on real only, real + synthetic, synthetic only."""
+    images, truth = images_array(synthetic, cfg.image_size), truth_table(synthetic)
+    sets = {"real": (real.report_train, real.report_train_truth),
+            "real + synthetic": (np.concatenate([real.report_train, images]),
+                                 pd.concat([real.report_train_truth, truth], ignore_index=True)),
+            "synthetic": (images, truth)}
+    return downstream_table(sets, real.test, real.test_truth, number_list(cfg.downstream_seeds, int),
+                            epochs=cfg.classifier_epochs, progress=cfg.progress)
+
+
+def positives_subset(truth: pd.DataFrame, finding: str, count: int, seed: int) -> np.ndarray:
+    """Row indices keeping every image without `finding` and `count` (seeded) of those with it."""
+    positive = np.flatnonzero(truth[finding].to_numpy() == 1.0)
+    kept = np.random.default_rng(seed).permutation(positive)[:count]
+    return np.sort(np.concatenate([np.flatnonzero(truth[finding].to_numpy() != 1.0), kept]))
+
+
+def learning_curve(cfg: Config, real: RealImages, finding: str = "Pneumothorax", fractions=(0.25, 0.5, 1.0)) -> pd.DataFrame:
+    """Test AUROC for `finding` of real-only classifiers trained with a growing share of its real positives."""
+    total = int(real.report_train_truth[finding].sum())
+    rows = []
+    for fraction in fractions:
+        count = max(1, round(fraction * total)) if total else 0
+        keep = positives_subset(real.report_train_truth, finding, count, cfg.seed)
+        net = train_classifier(real.report_train[keep], real.report_train_truth.iloc[keep].reset_index(drop=True),
+                               seed=cfg.seed, epochs=cfg.classifier_epochs)
+        table = alignment_table(predict(net, real.test), real.test_truth)
+        rows.append({"finding": finding, "real positives": count,
+                     "AUROC": float(table.set_index("finding").loc[finding, "value"])})
+    return pd.DataFrame(rows)
+
+
+def guidance_table(cfg: Config, model: Model, extractor: nn.Module, images_per_prompt: int = 2) -> pd.DataFrame:
+    """FID (our features) and MS-SSIM of the test prompts' images at each guidance scale of `guidance_sweep`."""
+    prompts = evaluation_prompts(cfg).query("source.str.startswith('test:')")
+    jobs = prompts.loc[prompts.index.repeat(images_per_prompt)]
+    real = counterparts(cfg, prompts.source)
+    seeds = [cfg.seed + k for k in range(len(jobs))]
+    rows = []
+    for guidance in number_list(cfg.guidance_sweep, float):
+        settings = SamplingSettings.from_config(cfg).replace(guidance_scale=guidance)
+        images = np.stack([grey(im) for im in generate(model, list(jobs.prompt), seeds, settings)])
+        rows += [{"model": model.name, "guidance scale": guidance, "metric": "FID (FindingNet (ours))",
+                  "value": float(f"{frechet_distance(extractor, real, images):.4g}")},
+                 {"model": model.name, "guidance scale": guidance, "metric": "MS-SSIM within group",
+                  "value": round(float(diversity_table(images, list(jobs.prompt))["value"].iloc[0]), 4)}]
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- results on disk (05 writes, 06 reads)
+
+def save_tables(cfg: Config, tables: dict[str, pd.DataFrame]) -> Path:
+    """Write each table as <evaluation>/<name>.csv (atomically) and a sidecar naming the run that made them."""
+    out = cfg.evaluation_path
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        write_file_atomic(out / f"{name}.csv", lambda path, t=table: t.to_csv(path, index=False))
+    write_json_atomic(out / "tables.json", {"tables": sorted(tables), "config": cfg.to_dict(), "git": git_state()})
+    return out
+
+
+def load_tables(cfg: Config) -> dict[str, pd.DataFrame]:
+    """The tables 05_evaluation saved, by name (a clear error when 05 has not run)."""
+    index = cfg.evaluation_path / "tables.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"no evaluation results in {index.parent}: run 05_evaluation first")
+    return {name: pd.read_csv(cfg.evaluation_path / f"{name}.csv") for name in json.loads(index.read_text())["tables"]}
+
+
+def comparison_table(results: pd.DataFrame) -> pd.DataFrame:
+    """The component comparison: one row per model, one column per metric (alignment averaged over findings)."""
+    rows = results.copy()
+    rows["finding"] = rows.get("finding", pd.Series(index=rows.index, dtype=object)).fillna("")
+    rows["column"] = rows.metric + " | " + rows.prompts + rows.finding.map(lambda f: f" | {f}" if f else "")
+    return rows.pivot_table(index="model", columns="column", values="value", aggfunc="mean").round(3)
+
+
+def spec_grid_images(cfg: Config, name: str) -> tuple[list[dict], np.ndarray]:
+    """The first evaluation image of `name` for each finding spec (report-language prompts), with the specs."""
+    data = datasets.load_from_disk(str(cfg.evaluation_path / "images" / name))
+    specs, images = [], []
+    for k, (source, spec) in enumerate(zip(data["source"], data["spec"])):
+        parsed = json.loads(spec) if spec else {}
+        if source == "report language" and "side" in parsed and parsed not in specs:
+            specs.append(parsed)
+            images.append(np.asarray(data[k]["image"].convert("L")))
+    return specs, np.stack(images)

@@ -226,3 +226,71 @@ def timing_summary(results: dict) -> pd.DataFrame:
     """Per run: seconds per step, images per second and peak memory (these vary between runs)."""
     return pd.DataFrame({name: {"s/step": round(r.seconds_per_step, 3), "images/s": round(r.images_per_second, 1),
                                 "peak memory (MB)": round(r.peak_memory_mb)} for name, r in results.items()}).T
+
+
+def fig_metric_bars(rows: pd.DataFrame, x: str, hue: str, ylabel: str, title: str = "",
+                    target: float | None = None) -> Figure:
+    """Bars of the `value` of tidy result rows (mean and, over several seeds, the standard deviation)."""
+    rows = rows.dropna(subset=["value"])
+    fig = Figure(figsize=(max(6.0, 1.4 * rows[x].nunique() + 2), 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    sns.barplot(data=rows, x=x, y="value", hue=hue, errorbar="sd", ax=ax)
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target}")
+    ax.set(ylabel=ylabel, xlabel="", title=title or ylabel)
+    ax.tick_params(axis="x", labelsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def fig_sweep_lines(table: pd.DataFrame, x: str, metrics: list[str]) -> Figure:
+    """One panel per metric against a swept setting (e.g. FID and MS-SSIM against guidance scale)."""
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4))
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        rows = table[table.metric == metric].sort_values(x)
+        ax.plot(rows[x], rows.value, "o-")
+        ax.set(xlabel=x, ylabel=metric, title=metric)
+    fig.tight_layout()
+    return fig
+
+
+def fig_memorization(audit: pd.DataFrame, synthetic: np.ndarray | None = None, train: np.ndarray | None = None,
+                     pairs: int = 6) -> Figure:
+    """Nearest-training-image distances with the near-copy threshold; with images, the closest pairs too."""
+    with_pairs = synthetic is not None and train is not None
+    fig = Figure(figsize=(12, 5.6 if with_pairs else 3.0))
+    grid = 2 if with_pairs else 1
+    for k, space in enumerate(("pixel", "feature")):
+        ax = fig.add_subplot(grid, 2, k + 1)
+        ax.hist(audit[f"{space} distance"], bins=40, color=sns.color_palette()[k])
+        ax.axvline(audit[f"{space} threshold"].iloc[0], color="black", linestyle="--", label="near-copy threshold")
+        ax.set(xlabel=f"distance to nearest training image ({space} space)", ylabel="synthetic images")
+        ax.legend(fontsize=7)
+    if with_pairs:
+        closest = audit.sort_values("pixel distance").head(pairs)
+        for c, (index, row) in enumerate(closest.iterrows()):
+            for r, (image, label) in enumerate(((synthetic[index], "synthetic"), (train[int(row["pixel nearest"])], "nearest training"))):
+                ax = fig.add_subplot(4, pairs, (2 + r) * pairs + c + 1)
+                show_image(ax, image)
+                if c == 0:
+                    ax.set_ylabel(label, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fig_table(table: pd.DataFrame, title: str, width: float = 14.0) -> Figure:
+    """A results table as a figure (for the paper-figure set); values as they are in the table."""
+    fig = Figure(figsize=(width, 0.45 * (len(table) + 2)))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axis("off")
+    shown = table.reset_index()
+    cell = ax.table(cellText=shown.astype(str).to_numpy(), colLabels=[str(c) for c in shown.columns], loc="center")
+    cell.auto_set_font_size(False)
+    cell.set_fontsize(7)
+    cell.scale(1, 1.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from roentgen_lib.checkpoints import latest_checkpoint, load_state, read_checkpoint, write_checkpoint
-from roentgen_lib.config import SAMPLING_FIELDS, VARIANTS, Config
+from roentgen_lib.config import EVALUATION_FIELDS, SAMPLING_FIELDS, VARIANTS, Config
 from roentgen_lib.data.dataset import load as load_dataset
 from roentgen_lib.files import replace_dir, temporary_sibling, write_json_atomic
 from roentgen_lib.models import Base, images_to_tensor, load_base, sample_grid, save_base, weights_fingerprint
@@ -227,7 +227,7 @@ def trained_state(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, tor
 # Fields that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_CHANGES = {"max_steps", "resume", "progress", "validation_every", "checkpoint_every",
                      "checkpoints_total_limit", "validation_prompts", "figures_dir", "run_name", "models_dir",
-                     "output_dir", "base_model", "full_variants", *SAMPLING_FIELDS}
+                     "output_dir", "base_model", "full_variants", *SAMPLING_FIELDS, *EVALUATION_FIELDS}
 
 
 def check_same_run(saved: dict, cfg: Config, folder: Path) -> None:

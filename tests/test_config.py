@@ -7,7 +7,7 @@ from roentgen_lib import config
 
 def test_profiles_resolve_with_their_sizes():
     assert config.resolve("tiny").image_size == 32
-    assert config.resolve("demo").n_images == 3000
+    assert config.resolve("demo").n_images == 6000 and config.resolve("demo").composed_reports == 8000
     assert config.resolve("paper", mimic_root="/x").data_source == "mimic"
 
 

@@ -6,8 +6,10 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from roentgen_lib import evaluate
+from roentgen_lib.text import compose
 from roentgen_lib.text.labels import label_report
 
 
@@ -46,10 +48,108 @@ def test_classifier_learns_a_visible_finding():
     truth.loc[:47, "Pleural Effusion"] = 1.0
     images[:48, 20:, :16] = 230  # a bright lower band on one side
     truth.loc[:47, "Pleural Effusion side"] = "right"
-    net = evaluate.train_classifier(images[::2], truth.iloc[::2].reset_index(drop=True), seed=0, epochs=6)
+    net = evaluate.train_classifier(images[::2], truth.iloc[::2].reset_index(drop=True), seed=0, epochs=12)
     held_out = evaluate.predict(net, images[1::2])
     table = evaluate.alignment_table(held_out, truth.iloc[1::2].reset_index(drop=True))
     assert table.set_index("finding").loc["Pleural Effusion", "value"] > 0.95
     assert held_out["features"].shape == (48, net.feature_width)
     with pytest.raises(ValueError, match="no ground truth"):
         evaluate.truth_table(datasets.Dataset.from_dict({"image_id": ["x"]}))
+
+
+def noise_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size)).astype(np.uint8)
+
+
+class PooledPixels(torch.nn.Module):
+    """A transparent feature extractor: mean grey level of each 8 x 8 block."""
+
+    num_features = 16
+
+    def forward(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images.float().mean(1, keepdim=True), 4).flatten(1)
+
+
+def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift():
+    extractor = PooledPixels()
+    real = noise_images(64, 0)
+    assert abs(evaluate.frechet_distance(extractor, real, real.copy())) < 1e-3
+    shifted = np.clip(real.astype(int) + 60, 0, 255).astype(np.uint8)
+    assert evaluate.frechet_distance(extractor, real, shifted) > 10 * evaluate.frechet_distance(extractor, real, noise_images(64, 1))
+
+
+def test_unavailable_feature_extractors_give_a_reason_not_a_number(tmp_path):
+    extractors = evaluate.feature_extractors(evaluate.FindingNet().eval(), tmp_path / "missing.safetensors")
+    table = evaluate.fid_table(extractors, noise_images(8, 0), noise_images(8, 1), model="m").set_index("metric")
+    assert np.isnan(table.loc["FID (Inception-v3)", "value"]) and "pickled" in table.loc["FID (Inception-v3)", "note"]
+    assert np.isnan(table.loc["FID (XRV DenseNet)", "value"]) and "missing.safetensors" in table.loc["FID (XRV DenseNet)", "note"]
+    assert np.isfinite(table.loc["FID (FindingNet (ours))", "value"])
+
+
+def test_xrv_features_read_a_local_safetensors_densenet(tmp_path):
+    import torchxrayvision as xrv
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "densenet.safetensors"
+    save_file({k: v.contiguous() for k, v in xrv.models.DenseNet(weights=None).state_dict().items()}, str(weights))
+    extractor = evaluate.feature_extractors(evaluate.FindingNet(), weights)["XRV DenseNet"]
+    assert not isinstance(extractor, str)
+    assert extractor(next(evaluate.rgb_batches(noise_images(2, 0)))).shape == (2, 1024)
+    save_file({"x": torch.zeros(1)}, str(weights))
+    with pytest.raises(ValueError, match="does not hold torchxrayvision DenseNet-121 weights"):
+        evaluate.XrvFeatures(weights)
+
+
+def test_ms_ssim_is_one_for_copies_and_low_for_noise():
+    copies = np.repeat(noise_images(1, 0, 64), 4, axis=0)
+    assert evaluate.mean_pairwise_ms_ssim(copies) == pytest.approx(1.0, abs=1e-4)
+    assert evaluate.mean_pairwise_ms_ssim(noise_images(4, 1, 64)) < 0.2
+    table = evaluate.diversity_table(np.concatenate([copies, noise_images(4, 2, 64)]), ["a"] * 4 + ["b"] * 4)
+    assert table["groups"].iloc[0] == 2 and 0.4 < table["value"].iloc[0] < 0.7
+
+
+def test_auroc_is_one_for_a_perfect_judge_and_near_half_for_shuffled_labels():
+    rng = np.random.default_rng(0)
+    truth = pd.DataFrame({f: rng.integers(0, 2, 2000).astype(float) for f in evaluate.FINDINGS})
+    perfect = evaluate.alignment_table({"presence": truth[list(evaluate.FINDINGS)].to_numpy()}, truth)
+    assert perfect["value"].tolist() == [1.0] * len(evaluate.FINDINGS)
+    shuffled = evaluate.alignment_table({"presence": truth.sample(frac=1, random_state=1)[list(evaluate.FINDINGS)].to_numpy()}, truth)
+    assert all(abs(v - 0.5) < 0.05 for v in shuffled["value"])
+
+
+def test_memorization_audit_flags_a_copied_training_image():
+    train = noise_images(50, 0)
+    synthetic = np.concatenate([train[7:8], noise_images(9, 1)])
+    features = lambda x: x.reshape(len(x), -1)[:, :16].astype(np.float32)  # noqa: E731
+    audit = evaluate.memorization_audit(synthetic, train, features(synthetic), features(train))
+    assert audit["flagged"].tolist() == [True] + [False] * 9 and audit["pixel nearest"][0] == 7
+    summary = evaluate.memorization_summary(audit, model="m").set_index("metric")
+    assert summary.loc["near-copies (either)", "value"] == pytest.approx(0.1)
+
+
+def test_text_probe_reads_a_linearly_encoded_finding():
+    rng = np.random.default_rng(0)
+    truth = pd.DataFrame({f: rng.integers(0, 2, 200).astype(float) for f in evaluate.FINDINGS})
+    embeddings = np.concatenate([truth.to_numpy() * 2.0, rng.normal(size=(200, 6))], axis=1)
+    table = evaluate.probe_table(embeddings[:150], truth[:150], embeddings[150:], truth[150:].reset_index(drop=True), seed=0)
+    assert (table["value"] > 0.99).all()
+
+
+def test_positives_subset_keeps_the_asked_number_of_positives():
+    truth = pd.DataFrame({"Pneumothorax": [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]})
+    kept = evaluate.positives_subset(truth, "Pneumothorax", 2, seed=0)
+    assert truth.loc[kept, "Pneumothorax"].sum() == 2 and {1, 4} <= set(kept)
+
+
+@pytest.mark.parametrize("prompt", compose.HELD_OUT_PHRASINGS)
+def test_held_out_phrasings_are_read_as_findings(prompt):
+    truth = evaluate.truth_of_labels([label_report(prompt)])
+    assert truth[list(evaluate.FINDINGS)].to_numpy().sum() >= 1 or "no pleural effusion or pneumothorax" in prompt
+
+
+def test_evaluation_prompts_hold_three_sets_and_seen_phrasings_are_found(tiny_world):
+    prompts = evaluate.evaluation_prompts(tiny_world)
+    assert set(evaluate.prompt_set(prompts.source)) == set(evaluate.PROMPT_SETS)
+    assert len(prompts[prompts.source.str.startswith("test:")]) <= tiny_world.eval_prompts
+    seen = evaluate.seen_in_training(["small right pleural effusion.", "zebra"], ["Small right pleural effusion. No edema."])
+    assert seen["seen in training"].tolist() == [True, False]
