@@ -37,9 +37,29 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
         Path(name).unlink(missing_ok=True)
 
 
+class OutputError(OSError):
+    """An output folder cannot be created or written; raised before any work is done."""
+
+
+def ensure_writable(folder: Path) -> Path:
+    """Create `folder` if needed and prove it takes a file, or raise OutputError naming it and why.
+
+    Called before long work starts, so an unwritable or impossible output path costs seconds, not a run.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write to {folder}: {error.strerror or error}; choose another output folder "
+                          "or free the path") from error
+    return folder
+
+
 def temporary_sibling(path: Path) -> Path:
     """A fresh, empty folder next to `path` (same file system, so a rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable(path.parent)
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
 
 

@@ -104,6 +104,7 @@ def test_ms_ssim_is_one_for_copies_and_low_for_noise():
     copies = np.repeat(noise_images(1, 0, 64), 4, axis=0)
     assert evaluate.mean_pairwise_ms_ssim(copies) == pytest.approx(1.0, abs=1e-4)
     assert evaluate.mean_pairwise_ms_ssim(noise_images(4, 1, 64)) < 0.2
+    assert evaluate.mean_pairwise_ms_ssim(np.repeat(noise_images(1, 3, 64), 40, axis=0), max_pairs=20) == pytest.approx(1.0, abs=1e-4)
     table = evaluate.diversity_table(np.concatenate([copies, noise_images(4, 2, 64)]), ["a"] * 4 + ["b"] * 4)
     assert table["groups"].iloc[0] == 2 and 0.4 < table["value"].iloc[0] < 0.7
 

@@ -1,0 +1,73 @@
+"""Reliability: offline profiles never touch the network; unwritable outputs stop before work starts."""
+
+import dataclasses
+import socket
+
+import pytest
+
+from roentgen_lib import config, files, sample, train
+from roentgen_lib.data import dataset
+
+
+def refuse_network(monkeypatch) -> list:
+    """Make every socket connection and name lookup fail loudly, recording the attempt."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted in an offline profile")
+
+    for target, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "create_connection"),
+                         (socket, "getaddrinfo")):
+        monkeypatch.setattr(target, name, refuse)
+    return attempts
+
+
+def test_offline_profile_builds_trains_and_samples_without_network(tiny_world, tmp_path, monkeypatch):
+    attempts = refuse_network(monkeypatch)
+    dataset.build_dataset(dataclasses.replace(tiny_world, output_dir=str(tmp_path / "dataset")))
+    cfg = dataclasses.replace(tiny_world, run_name="offline", resume=False, max_steps=2, validation_every=2,
+                              checkpoint_every=2)
+    train.finetune(cfg)
+    model = sample.load_model(cfg, "offline")
+    images = sample.generate(model, ["large left pleural effusion."], [0], sample.SamplingSettings(steps=2, batch_size=1))
+    assert images.shape[0] == 1 and attempts == []
+
+
+def test_unwritable_output_is_refused_before_work_starts(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(files.OutputError, match="cannot write to .*a_file"):
+        dataset.build_dataset(config.resolve("tiny", output_dir=str(blocker / "dataset")))
+    assert blocker.read_text() == "not a folder"
+
+
+def test_training_killed_by_sigkill_resumes_to_the_same_weights(tiny_world):
+    """SIGKILL (no Python cleanup) at whatever step the process has reached after its first checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    settings = {"max_steps": 30, "checkpoint_every": 5, "validation_every": 30, "train_text_encoder": True}
+    straight = train.finetune(dataclasses.replace(tiny_world, run_name="sigkill_straight", resume=False, **settings))
+    run_dir = tiny_world.models_path / "sigkill_resumed"
+    overrides = {"output_dir": tiny_world.output_dir, "base_model": tiny_world.base_model,
+                 "models_dir": tiny_world.models_dir, "run_name": run_dir.name, **settings}
+    command = [sys.executable, "-m", "roentgen_lib.train", "--profile", "tiny",
+               *[a for k, v in overrides.items() for a in ("-p", f"{k}={v}")]]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(run_dir.glob("checkpoint-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (run_dir / "pipeline").exists(), "killed before the end"
+    resumed = train.finetune(dataclasses.replace(tiny_world, run_name=run_dir.name, resume=True, **settings))
+    for file in sorted(straight.output_dir.rglob("*.safetensors")):
+        a, b = load_file(file), load_file(resumed.output_dir / file.relative_to(straight.output_dir))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file.name
