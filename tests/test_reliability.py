@@ -27,7 +27,7 @@ def test_offline_profile_builds_trains_and_samples_without_network(tiny_world, t
     attempts = refuse_network(monkeypatch)
     dataset.build_dataset(dataclasses.replace(tiny_world, output_dir=str(tmp_path / "dataset")))
     cfg = dataclasses.replace(tiny_world, run_name="offline", resume=False, max_steps=2, validation_every=2,
-                              checkpoint_every=2)
+                              checkpoint_every=2, models_dir=str(tmp_path / "models"))
     train.finetune(cfg)
     model = sample.load_model(cfg, "offline")
     images = sample.generate(model, ["large left pleural effusion."], [0], sample.SamplingSettings(steps=2, batch_size=1))
@@ -42,7 +42,7 @@ def test_unwritable_output_is_refused_before_work_starts(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
-def test_training_killed_by_sigkill_resumes_to_the_same_weights(tiny_world):
+def test_training_killed_by_sigkill_resumes_to_the_same_weights(tiny_world, tmp_path):
     """SIGKILL (no Python cleanup) at whatever step the process has reached after its first checkpoint."""
     import os
     import signal
@@ -53,11 +53,12 @@ def test_training_killed_by_sigkill_resumes_to_the_same_weights(tiny_world):
     import torch
     from safetensors.torch import load_file
 
-    settings = {"max_steps": 30, "checkpoint_every": 5, "validation_every": 30, "train_text_encoder": True}
+    settings = {"max_steps": 30, "checkpoint_every": 5, "validation_every": 30, "train_text_encoder": True,
+                "models_dir": str(tmp_path / "models")}
     straight = train.finetune(dataclasses.replace(tiny_world, run_name="sigkill_straight", resume=False, **settings))
-    run_dir = tiny_world.models_path / "sigkill_resumed"
-    overrides = {"output_dir": tiny_world.output_dir, "base_model": tiny_world.base_model,
-                 "models_dir": tiny_world.models_dir, "run_name": run_dir.name, **settings}
+    run_dir = tmp_path / "models" / "sigkill_resumed"
+    overrides = {"output_dir": tiny_world.output_dir, "base_model": tiny_world.base_model, "run_name": run_dir.name,
+                 **settings}
     command = [sys.executable, "-m", "roentgen_lib.train", "--profile", "tiny",
                *[a for k, v in overrides.items() for a in ("-p", f"{k}={v}")]]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
