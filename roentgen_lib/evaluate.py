@@ -339,24 +339,32 @@ def flatten(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
+def near_copy_thresholds(train: np.ndarray, train_features: np.ndarray, quantile: float = 0.01) -> dict[str, float]:
+    """Per space, the `quantile` of training images' distances to their nearest other training image.
+
+    Different patients in the training set are the benchmark for "too close". Depends on the training
+    set only, so 05 computes it once for every model it audits.
+    """
+    return {space: float(np.quantile(nearest_distances(reference, reference, exclude_self=True)[0], quantile))
+            for space, reference in (("pixel", flatten(train)), ("feature", train_features))}
+
+
 def memorization_audit(synthetic: np.ndarray, train: np.ndarray, synthetic_features: np.ndarray,
-                       train_features: np.ndarray, quantile: float = 0.01) -> pd.DataFrame:
+                       train_features: np.ndarray, thresholds: dict[str, float] | None = None) -> pd.DataFrame:
     """For each synthetic image, its nearest training image in pixel and feature space, and a near-copy flag.
 
-    The threshold is data-driven: a synthetic image is flagged when it lies closer to a training image
-    than `quantile` of training images lie to their own nearest other training image (different
-    patients in the training set are the benchmark for "too close"). Runs on any synthetic dataset.
+    A synthetic image is flagged when it lies closer to a training image than the threshold of that
+    space (`near_copy_thresholds`, computed here when not given). Runs on any synthetic dataset.
     """
+    thresholds = thresholds or near_copy_thresholds(train, train_features)
     frame = {}
     for space, query, reference in (("pixel", flatten(synthetic), flatten(train)),
                                     ("feature", synthetic_features, train_features)):
         distance, index = nearest_distances(query, reference)
-        train_to_train, _ = nearest_distances(reference, reference, exclude_self=True)
-        threshold = float(np.quantile(train_to_train, quantile))
         frame[f"{space} distance"] = distance
         frame[f"{space} nearest"] = index
-        frame[f"{space} threshold"] = threshold
-        frame[f"{space} flagged"] = distance < threshold
+        frame[f"{space} threshold"] = thresholds[space]
+        frame[f"{space} flagged"] = distance < thresholds[space]
     table = pd.DataFrame(frame)
     table["flagged"] = table["pixel flagged"] | table["feature flagged"]
     return table
@@ -433,13 +441,22 @@ def evaluation_prompts(cfg: Config) -> pd.DataFrame:
     phrasing": the same findings in words no composed report uses; "test": a seeded sample of
     `eval_prompts` test-split reports (source `test:<image_id>`, so each has a real counterpart).
     """
-    report = [{"prompt": negated_prompt(**spec), "source": "report language", "spec": json.dumps(spec, sort_keys=True)}
-              for spec in finding_specs()]
-    report.append({"prompt": NORMAL_PROMPT, "source": "report language", "spec": json.dumps({"finding": "No Finding"})})
-    held_out = [{"prompt": p, "source": "held-out phrasing", "spec": ""} for p in HELD_OUT_PHRASINGS]
     test = split_prompts(cfg, "test")
     test = test.sample(n=min(cfg.eval_prompts, len(test)), random_state=cfg.seed).sort_index()
-    return pd.concat([pd.DataFrame(report), pd.DataFrame(held_out), test], ignore_index=True)
+    return pd.concat([report_language_prompts(), held_out_prompts(), test], ignore_index=True)
+
+
+def report_language_prompts() -> pd.DataFrame:
+    """Every finding spec composed with a negation of another finding, and the normal report."""
+    rows = [{"prompt": negated_prompt(**spec), "source": "report language", "spec": json.dumps(spec, sort_keys=True)}
+            for spec in finding_specs()]
+    rows.append({"prompt": NORMAL_PROMPT, "source": "report language", "spec": json.dumps({"finding": "No Finding"})})
+    return pd.DataFrame(rows)
+
+
+def held_out_prompts() -> pd.DataFrame:
+    """The findings in phrasings no composed report uses."""
+    return pd.DataFrame({"prompt": list(HELD_OUT_PHRASINGS), "source": "held-out phrasing", "spec": ""})
 
 
 def prompt_set(sources) -> np.ndarray:
@@ -484,11 +501,6 @@ def rendered_references(cfg: Config, prompts: list[str], per_prompt: int, seed: 
     return np.stack([image for image, _ in rendered]), truth_of_labels(labels)
 
 
-def spec_report_prompts() -> list[str]:
-    """One composed report per finding spec, and the normal report."""
-    return [negated_prompt(**spec) for spec in finding_specs()] + [NORMAL_PROMPT]
-
-
 def is_composed(split) -> np.ndarray:
     """Rows of a dataset split whose report was composed from a spec (not IU-Xray or MIMIC)."""
     return np.array([s.startswith("composed-") for s in split["subject_id"]])
@@ -517,8 +529,9 @@ def real_images(cfg: Config) -> RealImages:
     train, test = images_array(data["train"], cfg.image_size), images_array(data["test"], cfg.image_size)
     train_truth, test_truth = truth_table(data["train"]), truth_table(data["test"])
     collected = ~is_composed(data["train"])
-    judge_extra = rendered_references(cfg, spec_report_prompts(), 4 * cfg.eval_references, cfg.seed + 101)
-    test_extra = rendered_references(cfg, spec_report_prompts(), cfg.eval_references, cfg.seed + 202)
+    specs = report_language_prompts().prompt.tolist()
+    judge_extra = rendered_references(cfg, specs, 4 * cfg.eval_references, cfg.seed + 101)
+    test_extra = rendered_references(cfg, specs, cfg.eval_references, cfg.seed + 202)
     return RealImages(np.concatenate([train, judge_extra[0]]), pd.concat([train_truth, judge_extra[1]], ignore_index=True),
                       np.concatenate([test, test_extra[0]]), pd.concat([test_truth, test_extra[1]], ignore_index=True),
                       train[collected], train_truth[collected].reset_index(drop=True))
@@ -543,7 +556,8 @@ def label_groups(truth: pd.DataFrame) -> list[str]:
 
 
 def score_model(cfg: Config, name: str, data: datasets.Dataset, judge: FindingNet,
-                extractors: dict[str, nn.Module | str], train_images: np.ndarray, train_features: np.ndarray) -> pd.DataFrame:
+                extractors: dict[str, nn.Module | str], train_images: np.ndarray, train_features: np.ndarray,
+                thresholds: dict[str, float]) -> pd.DataFrame:
     """Every per-model metric on its evaluation images, as one tidy table (model, prompts, finding, metric, value)."""
     images, truth, sets = images_array(data, cfg.image_size), truth_table(data), prompt_set(data["source"])
     prediction = predict(judge, images)
@@ -558,7 +572,7 @@ def score_model(cfg: Config, name: str, data: datasets.Dataset, judge: FindingNe
     real = counterparts(cfg, np.array(data["source"])[test_rows][:: cfg.images_per_prompt])
     tables.append(fid_table(extractors, real, images[test_rows], model=name, prompts="test"))
     tables.append(diversity_table(images[test_rows], list(np.array(data["prompt"])[test_rows]), model=name, prompts="test"))
-    audit = memorization_audit(images, train_images, prediction["features"], train_features)
+    audit = memorization_audit(images, train_images, prediction["features"], train_features, thresholds)
     tables.append(memorization_summary(audit, model=name, prompts="all"))
     return pd.concat(tables, ignore_index=True)
 
@@ -568,9 +582,10 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
     data = load_real(cfg)
     test = images_array(data["test"], cfg.image_size)
     validation = images_array(data["validation"], cfg.image_size)
+    judged = predict(judge, real.test)
     return pd.concat([
-        alignment_table(predict(judge, real.test), real.test_truth, model="real (judge on test set)", prompts="test"),
-        controllability_table(predict(judge, real.test), real.test_truth, model="real (judge on test set)", prompts="test"),
+        alignment_table(judged, real.test_truth, model="real (judge on test set)", prompts="test"),
+        controllability_table(judged, real.test_truth, model="real (judge on test set)", prompts="test"),
         fid_table(extractors, test, validation, model="real (test vs validation)", prompts="test"),
         diversity_table(test, label_groups(truth_table(data["test"])), model="real (same labels)", prompts="test"),
     ], ignore_index=True)
@@ -581,7 +596,7 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
 def probe_texts(cfg: Config) -> tuple[list[str], list[str]]:
     """Report texts the probe learns from (training split) and is tested on (test split + evaluation prompts)."""
     data = load_real(cfg)
-    held_out = list(data["test"]["prompt"]) + list(evaluation_prompts(cfg).query("source != 'test'").prompt)
+    held_out = list(data["test"]["prompt"]) + report_language_prompts().prompt.tolist() + list(HELD_OUT_PHRASINGS)
     return list(data["train"]["prompt"]), held_out
 
 
@@ -624,14 +639,10 @@ def general_domain_table(cfg: Config, models: dict[str, Model], scenes: tuple[li
 
 # ---------------------------------------------------------------- downstream augmentation
 
-def downstream_prompts(cfg: Config) -> pd.DataFrame:
-    """What the generator is asked for to augment a classifier: every finding spec in report language, and normal."""
-    return evaluation_prompts(cfg).query("source == 'report language'").reset_index(drop=True)
-
-
 def downstream_images(cfg: Config, model: Model) -> datasets.Dataset:
-    """`downstream_images_per_prompt` synthetic images per downstream prompt (cached, resumable)."""
-    return generate_dataset(model, downstream_prompts(cfg), cfg.evaluation_path / "downstream" / model.name,
+    """`downstream_images_per_prompt` images per report-language prompt: what the generator is asked for to
+    augment a classifier, every finding spec and normal (cached, resumable)."""
+    return generate_dataset(model, report_language_prompts(), cfg.evaluation_path / "downstream" / model.name,
                             SamplingSettings.from_config(cfg), cfg.downstream_images_per_prompt, cfg.seed + 1, cfg.progress)
 
 
