@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	touch $(STAMP)
 
+# After a failure: `make reproduce FROM=04_sampling` continues from that notebook.
 reproduce: setup
-	$(PY) -m roentgen_lib.runs --profile $(PROFILE)
+	$(PY) -m roentgen_lib.runs --profile $(PROFILE) $(if $(FROM),--from $(FROM))
 
 test: setup
 	$(PY) -m pytest tests papermill_runs/tiny --nbval --nbval-current-env

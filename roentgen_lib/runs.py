@@ -4,12 +4,14 @@ Usage (what `make reproduce` calls)::
 
     python -m roentgen_lib.runs --profile demo
     python -m roentgen_lib.runs --profile tiny --only 01_data_prep -p seed=1 -p n_images=24
+    python -m roentgen_lib.runs --profile demo --from 04_sampling     # continue after a failure
 
 Each notebook gets `profile` plus those `-p` overrides it declares in its `parameters` cell, runs
 with the notebooks folder as working directory, and lands in `papermill_runs/<profile>/`. A notebook
 is executed into a temporary file and moved into place only when it succeeds, so a failure never
 overwrites a good earlier result: the failed copy is kept as `<name>.failed.ipynb`, the failing
-cell and error are printed, and the run stops.
+cell and error are printed with the command that continues from that notebook (`--from`), and the
+run stops. Every stage reuses what earlier runs finished (datasets, base, runs, synthetic images).
 """
 
 from __future__ import annotations
@@ -65,9 +67,16 @@ class PeakMemory:
         self._thread.join()
 
 
-def list_notebooks(only: Sequence[str] = (), notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
-    """The numbered notebooks in order, or those whose name contains one of `only`."""
+def list_notebooks(only: Sequence[str] = (), notebooks_dir: Path = NOTEBOOKS_DIR,
+                   start_from: str | None = None) -> list[Path]:
+    """The numbered notebooks in order: those whose name contains one of `only`, from `start_from` on."""
     notebooks = sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+    if start_from:
+        first = [k for k, nb in enumerate(notebooks) if nb.stem.startswith(start_from)]
+        if not first:
+            names = ", ".join(nb.stem for nb in notebooks)
+            raise config.ConfigError(f"--from {start_from!r} matches no notebook in {notebooks_dir}; notebooks: {names}")
+        notebooks = notebooks[first[0]:]
     if only:
         notebooks = [nb for nb in notebooks if any(name in nb.stem for name in only)]
         if not notebooks:
@@ -111,11 +120,11 @@ def run_notebook(notebook: Path, parameters: dict, out_dir: Path) -> dict:
 
 
 def run(profile: str, only: Sequence[str] = (), overrides: dict | None = None,
-        out_dir: Path | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict]:
+        out_dir: Path | None = None, notebooks_dir: Path = NOTEBOOKS_DIR, start_from: str | None = None) -> list[dict]:
     """Run the notebooks of a profile; stop at the first failure. Returns one record per notebook."""
     overrides = overrides or {}
     cfg = config.resolve(profile, **overrides)  # refuse bad parameters before anything runs
-    declared = {nb: notebook_parameters(nb) for nb in list_notebooks(only, notebooks_dir)}
+    declared = {nb: notebook_parameters(nb) for nb in list_notebooks(only, notebooks_dir, start_from)}
     unused = set(overrides) - set().union(*declared.values())
     if unused:
         raise config.ConfigError(f"parameters {sorted(unused)} are not declared by any selected notebook")
@@ -130,7 +139,9 @@ def run(profile: str, only: Sequence[str] = (), overrides: dict | None = None,
         records.append(record)
         if record["status"] != "ok":
             tqdm.write(f"FAILED {notebook.name}, cell {record['cell']}: {record['error']}\n"
-                       f"  executed copy: {out_dir / (notebook.stem + '.failed.ipynb')}")
+                       f"  executed copy: {out_dir / (notebook.stem + '.failed.ipynb')}\n"
+                       f"  after fixing it, continue with: python -m roentgen_lib.runs --profile {profile} "
+                       f"--from {notebook.stem}")
             break
         tqdm.write(f"ok {notebook.name} in {record['wall_seconds']} s, peak {record['peak_memory_mb']} MB")
     return records
@@ -141,12 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m roentgen_lib.runs", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="demo", help=f"one of {', '.join(config.PROFILE_NAMES)}")
     parser.add_argument("--only", action="append", default=[], help="run only notebooks whose name contains this")
+    parser.add_argument("--from", dest="start_from", default=None, metavar="NOTEBOOK",
+                        help="start at this notebook (e.g. 04_sampling), to continue after a failure")
     parser.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE",
                         help="override a notebook parameter (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default papermill_runs/<profile>)")
     args = parser.parse_args(argv)
     try:
-        records = run(args.profile, args.only, config.parse_overrides(args.params), args.out)
+        records = run(args.profile, args.only, config.parse_overrides(args.params), args.out,
+                      start_from=args.start_from)
     except config.ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

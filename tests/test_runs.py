@@ -54,6 +54,23 @@ def test_failure_stops_the_run_and_keeps_earlier_results(tmp_path):
     assert first["peak_memory_mb"] > 10 and first["git"]["sha"] and "torch" in first["packages"]
 
 
+def test_rerun_continues_from_the_failed_notebook(tmp_path, capsys):
+    out = tmp_path / "out"
+    write_notebook(tmp_path / "01_ok.ipynb", "print('one')")
+    write_notebook(tmp_path / "02_fails.ipynb", "raise ValueError('broken on purpose')")
+    write_notebook(tmp_path / "03_after.ipynb", "print('three')")
+    assert [r["status"] for r in runs.run("tiny", out_dir=out, notebooks_dir=tmp_path)] == ["ok", "failed"]
+    assert "continue with: python -m roentgen_lib.runs --profile tiny --from 02_fails" in capsys.readouterr().out
+    first = (out / "01_ok.manifest.json").read_text()
+
+    write_notebook(tmp_path / "02_fails.ipynb", "print('fixed')")
+    records = runs.run("tiny", out_dir=out, notebooks_dir=tmp_path, start_from="02_fails")
+    assert [(r["notebook"], r["status"]) for r in records] == [("02_fails.ipynb", "ok"), ("03_after.ipynb", "ok")]
+    assert (out / "01_ok.manifest.json").read_text() == first  # the finished notebook was not re-run
+    with pytest.raises(config.ConfigError, match="--from '07' matches no notebook.*01_ok, 02_fails, 03_after"):
+        runs.run("tiny", out_dir=out, notebooks_dir=tmp_path, start_from="07")
+
+
 def test_main_reports_bad_arguments(capsys):
     assert runs.main(["--profile", "huge"]) == 2
     assert "allowed: tiny, demo, paper" in capsys.readouterr().err
