@@ -66,6 +66,7 @@ class Config:
     val_fraction: float = 0.1  # share of patients in the validation split (phantom world)
     test_fraction: float = 0.1  # share of patients in the test split (phantom world)
     progress: bool = True  # show progress bars (off in the tiny profile: nbval compares stderr)
+    data_workers: int = 0  # processes building the dataset's images (01); 0: one per CPU core
     # --- base model (notebooks 02-03) ---
     base_model: str | None = None  # diffusers folder or hub id; None: the project's base, built locally
     text_encoder: str | None = None  # local Hugging Face text model replacing CLIP (domain encoder)
@@ -302,7 +303,7 @@ def check_values(cfg: Config) -> None:
     for name in ("learning_rate", "max_grad_norm"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
-    for name in ("snr_gamma", "noise_offset", "lr_warmup_steps", "lora_scale", "composed_reports"):
+    for name in ("snr_gamma", "noise_offset", "lr_warmup_steps", "lora_scale", "composed_reports", "data_workers"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
     if cfg.composed_reports and cfg.data_source != "phantom":
@@ -375,7 +376,7 @@ def shipped_file(package: str, relative: str) -> Path:
 
 
 PROFILES: dict[str, Config] = {
-    "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, base_images=64,
+    "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, data_workers=1, base_images=64,
                    base_vae_steps=20, base_steps=20, batch_size=8, max_steps=12, lr_warmup_steps=2,
                    checkpoint_every=6, validation_every=6, sampling_steps=4, images_per_prompt=2,
                    sample_batch_size=8, guidance_sweep="1,4", steps_sweep="2,4", eval_prompts=6, classifier_epochs=2,

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +62,22 @@ def temporary_sibling(path: Path) -> Path:
     """A fresh, empty folder next to `path` (same file system, so a rename is atomic)."""
     ensure_writable(path.parent)
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+
+
+def plan_folder(out: Path, fingerprint: str, what: str) -> Path:
+    """`.<name>.parts` beside `out`: where finished pieces of one plan wait for a rerun after a crash.
+
+    `fingerprint` names what the pieces are made from; a folder left by another plan is discarded
+    (with a warning naming `what`), so pieces of different inputs are never mixed.
+    """
+    parts = out.parent / f".{out.name}.parts"
+    plan_file = parts / "plan.json"
+    if parts.exists() and (not plan_file.is_file() or json.loads(plan_file.read_text()).get("fingerprint") != fingerprint):
+        warnings.warn(f"discarding {what} in {parts}: they were made from other inputs or settings", stacklevel=3)
+        shutil.rmtree(parts)
+    ensure_writable(parts)
+    write_json_atomic(plan_file, {"fingerprint": fingerprint})
+    return parts
 
 
 def replace_dir(source: Path, destination: Path) -> None:

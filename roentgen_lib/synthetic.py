@@ -24,7 +24,6 @@ import hashlib
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import datasets
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from roentgen_lib.config import Config, project_path
 from roentgen_lib.data.dataset import load as load_real
-from roentgen_lib.files import replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
+from roentgen_lib.files import plan_folder, replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
 from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.sample import Model, SamplingError, SamplingSettings, generate, grey
 from roentgen_lib.text.compose import NORMAL_PROMPT, compose_prompt, finding_specs
@@ -116,19 +115,6 @@ def plan_fingerprint(jobs: pd.DataFrame, model: Model, settings: SamplingSetting
     return digest.hexdigest()
 
 
-def parts_folder(out: Path, fingerprint: str) -> Path:
-    """Where finished batches of this plan wait; a folder left by another plan is discarded."""
-    parts = out.parent / f".{out.name}.parts"
-    plan_file = parts / "plan.json"
-    if parts.exists() and (not plan_file.is_file() or json.loads(plan_file.read_text()).get("fingerprint") != fingerprint):
-        warnings.warn(f"discarding unfinished synthetic images in {parts}: they belong to other prompts, seeds, "
-                      "settings or model weights", stacklevel=3)
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(plan_file, {"fingerprint": fingerprint})
-    return parts
-
-
 def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, parts: Path, progress: bool) -> dict:
     """Draw every batch not yet on disk (each batch file written atomically); return images drawn and seconds."""
     starts = range(0, len(jobs), settings.batch_size)
@@ -169,7 +155,7 @@ def generate_dataset(model: Model, prompts: pd.DataFrame, out: Path, settings: S
     fingerprint = plan_fingerprint(jobs, model, settings)
     if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("fingerprint") == fingerprint:
         return datasets.load_from_disk(str(out))
-    parts = parts_folder(out, fingerprint)
+    parts = plan_folder(out, fingerprint, "unfinished synthetic images")
     timing = draw_batches(model, jobs, settings, parts, progress)
     fixed = {"model": model.name, "model_fingerprint": model.fingerprint, "scheduler": settings.scheduler,
              "steps": settings.steps, "guidance_scale": settings.guidance_scale, "negative_prompt": settings.negative_prompt}

@@ -225,7 +225,7 @@ def trained_state(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, tor
 
 
 # Fields that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_CHANGES = {"max_steps", "resume", "progress", "validation_every", "checkpoint_every",
+RESUMABLE_CHANGES = {"max_steps", "resume", "progress", "data_workers", "validation_every", "checkpoint_every",
                      "checkpoints_total_limit", "validation_prompts", "figures_dir", "run_name", "models_dir",
                      "output_dir", "base_model", "full_variants", *SAMPLING_FIELDS, *EVALUATION_FIELDS}
 

@@ -129,7 +129,17 @@ def test_failed_build_keeps_previous_dataset(tiny_cfg, monkeypatch):
     with pytest.raises(RuntimeError):
         dataset.build_dataset(tiny_cfg)
     assert dataset.read_manifest(first.path)["fingerprint"] == first.fingerprint
-    assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]
+    # only the finished shards wait for a rerun; no half-written folder is left behind
+    assert [p.name for p in first.path.parent.iterdir() if p.name.startswith(".")] == [".dataset.parts"]
+    monkeypatch.undo()
+    assert dataset.build_dataset(tiny_cfg).reused_shards == 3
+
+
+def test_parallel_build_equals_serial_build(tiny_cfg, tmp_path):
+    serial = dataset.build_dataset(tiny_cfg, shard_rows=8)
+    parallel = dataset.build_dataset(dataclasses.replace(tiny_cfg, data_workers=2, output_dir=str(tmp_path / "p")),
+                                     shard_rows=8)
+    assert parallel.fingerprint == serial.fingerprint and parallel.reused_shards == 0
 
 
 def test_mimic_build_counts_every_skip(tmp_path):

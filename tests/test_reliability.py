@@ -72,3 +72,35 @@ def test_training_killed_by_sigkill_resumes_to_the_same_weights(tiny_world, tmp_
     for file in sorted(straight.output_dir.rglob("*.safetensors")):
         a, b = load_file(file), load_file(resumed.output_dir / file.relative_to(straight.output_dir))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file.name
+
+
+def kill_when(process, ready, timeout: float = 120) -> None:
+    """SIGKILL `process` as soon as `ready()` holds (it must still be running then)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the process ended before it could be killed"
+
+
+def test_dataset_build_killed_midway_resumes_to_the_same_dataset(tmp_path):
+    """01's build killed after its first shards: the rerun builds only the rest, and the bytes match a straight build."""
+    import subprocess
+    import sys
+
+    straight = dataset.build_dataset(config.resolve("tiny", output_dir=str(tmp_path / "straight")), shard_rows=2)
+    target = tmp_path / "resumed"
+    code = ("from roentgen_lib import config; from roentgen_lib.data import dataset; "
+            f"dataset.build_dataset(config.resolve('tiny', output_dir={str(target)!r}), shard_rows=2)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / ".resumed.parts"
+    kill_when(process, lambda: len(list(parts.glob("train-*"))) >= 2)
+    assert not target.exists(), "killed before the dataset was complete"
+    resumed = dataset.build_dataset(config.resolve("tiny", output_dir=str(target)), shard_rows=2)
+    assert resumed.reused_shards >= 2 and resumed.fingerprint == straight.fingerprint
+    assert not parts.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -2,7 +2,9 @@
 
 `build_dataset(cfg)` writes a Hugging Face `DatasetDict` (train / validation / test, disjoint by
 patient) to `cfg.dataset_path`, atomically, with a manifest of counts, skipped inputs by reason and
-a content fingerprint. Columns: image, prompt, one column per CheXpert observation (1 positive,
+a content fingerprint. Images are built in shards of `SHARD_ROWS` rows by `cfg.data_workers`
+processes, each shard saved atomically under `.<name>.parts/`: a build that is killed keeps its
+finished shards, and the rerun builds only the rest, ending with the same dataset byte for byte. Columns: image, prompt, one column per CheXpert observation (1 positive,
 0 negative, -1 uncertain, None unmentioned), subject_id, study_id, image_id, split, report_labels
 (the labeler's full output as JSON) and drawn (what the phantom renderer drew, as JSON; "" for
 real images).
@@ -11,10 +13,15 @@ real images).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import multiprocessing
+import os
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,17 +32,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from roentgen_lib.config import Config
-from roentgen_lib.data import mimic
+from roentgen_lib.data import mimic, phantom
 from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
-from roentgen_lib.files import fingerprint_dir, replace_dir, temporary_sibling, write_json_atomic
+from roentgen_lib.files import fingerprint_dir, plan_folder, replace_dir, temporary_sibling, write_json_atomic
 from roentgen_lib.progress import library_progress_bars
+from roentgen_lib.text import labels as labeler
 from roentgen_lib.text.compose import composed_reports
 from roentgen_lib.text.labels import OBSERVATIONS, PATHOLOGIES, device_kinds, label_report, label_vector
 from roentgen_lib.text.reports import read_iu_reports, report_prompt
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "roentgen_manifest.json"
+SHARD_ROWS = 500  # rows per shard: the unit a rerun resumes from and a worker process builds
 FEATURES = datasets.Features(
     {
         "image": datasets.Image(),
@@ -59,6 +68,7 @@ class BuildResult:
     path: Path
     skipped: pd.DataFrame  # reason, count
     fingerprint: str
+    reused_shards: int = 0  # shards an interrupted earlier build had finished
 
 
 def patient_split(subject_id: str, val_fraction: float, test_fraction: float) -> str:
@@ -115,10 +125,10 @@ def record(image: np.ndarray | Image.Image, prompt: str, labels: dict, row: dict
             "split": row["split"], "report_labels": json.dumps(labels, sort_keys=True), "drawn": drawn}
 
 
-def phantom_records(rows: list[dict], size: int, seed: int, progress: bool) -> Iterator[dict]:
+def phantom_records(rows: list[dict], size: int, seed: int) -> Iterator[dict]:
     """Render each planned row; the image depends only on (seed, row index)."""
     masks = load_lung_masks(render_size(size))
-    for row in tqdm(rows, desc=f"render {rows[0]['split']}", disable=not progress):
+    for row in rows:
         rng = np.random.default_rng([seed, row["index"]])
         mask = masks[rng.integers(len(masks))]
         labels = label_report(row["prompt"])
@@ -126,10 +136,9 @@ def phantom_records(rows: list[dict], size: int, seed: int, progress: bool) -> I
         yield record(image, row["prompt"], labels, row, row["image_id"], json.dumps(drawn, sort_keys=True))
 
 
-def mimic_records(rows: list[dict], size: int, mimic_root: str, reports_root: str,
-                  skipped: dict, progress: bool) -> Iterator[dict]:
+def mimic_records(rows: list[dict], size: int, mimic_root: str, reports_root: str, skipped: dict) -> Iterator[dict]:
     """Load each planned MIMIC row; unusable ones are counted in `skipped` by reason."""
-    for row in tqdm(rows, desc=f"load {rows[0]['split']}", disable=not progress):
+    for row in rows:
         pair = mimic.load_pair(row, Path(mimic_root), Path(reports_root), size)
         if isinstance(pair, str):
             skipped[pair] = skipped.get(pair, 0) + 1
@@ -137,30 +146,98 @@ def mimic_records(rows: list[dict], size: int, mimic_root: str, reports_root: st
         yield record(pair[0], pair[1], label_report(pair[1]), row, str(row["study_id"]), "")
 
 
-def generate_split(cfg: Config, rows: list[dict], skipped: dict, cache_dir: Path) -> datasets.Dataset:
-    """One split as an Arrow-backed dataset, streamed to disk (no need to hold the images in memory)."""
-    if not rows:
-        return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+def empty_split() -> datasets.Dataset:
+    return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+
+
+def build_shard(cfg: Config, rows: list[dict], target: Path) -> None:
+    """Render (phantom) or load (MIMIC) one shard's rows into a dataset folder at `target`, atomically.
+
+    The counts of skipped inputs are stored beside it (`skipped.json`). Runs in worker processes.
+    """
+    skipped: dict[str, int] = {}
     if cfg.data_source == "phantom":
-        generator, kwargs = phantom_records, {"size": cfg.image_size, "seed": cfg.seed}
+        records = phantom_records(rows, cfg.image_size, cfg.seed)
     else:
-        generator = mimic_records
-        kwargs = {"size": cfg.image_size, "mimic_root": str(cfg.mimic_root),
-                  "reports_root": str(cfg.reports_root), "skipped": skipped}
-    return datasets.Dataset.from_generator(generator, features=FEATURES, cache_dir=str(cache_dir),
-                                           gen_kwargs={"rows": rows, "progress": cfg.progress, **kwargs})
+        records = mimic_records(rows, cfg.image_size, str(cfg.mimic_root), str(cfg.reports_root), skipped)
+    work = temporary_sibling(target)
+    try:
+        with library_progress_bars(False):
+            kept = list(records)
+            data = datasets.Dataset.from_list(kept, features=FEATURES) if kept else empty_split()
+            data.save_to_disk(str(work / "shard"))
+        write_json_atomic(work / "shard" / "skipped.json", skipped)
+        os.replace(work / "shard", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def build_dataset(cfg: Config) -> BuildResult:
-    """Build, validate and atomically save the dataset of `cfg`; see the module docstring."""
+def plan_shards(rows: list[dict], shard_rows: int) -> list[tuple[str, list[dict]]]:
+    """The rows of each split cut into shards named `<split>-<k>`, in split order."""
+    shards = []
+    for split in SPLITS:
+        part = [r for r in rows if r["split"] == split]
+        shards += [(f"{split}-{k // shard_rows:05d}", part[k : k + shard_rows]) for k in range(0, len(part), shard_rows)]
+    return shards
+
+
+def plan_fingerprint(cfg: Config, rows: list[dict], shard_rows: int) -> str:
+    """What determines every shard: the planned rows, the settings and the code that build images."""
+    settings = {k: getattr(cfg, k) for k in ("data_source", "image_size", "seed", "mimic_root", "mimic_reports_root")}
+    digest = hashlib.sha256(json.dumps([rows, settings, shard_rows], sort_keys=True, default=str).encode())
+    for module in (phantom, labeler, mimic, sys.modules[__name__]):
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()
+
+
+def worker_count(cfg: Config) -> int:
+    """Processes that build shards: `cfg.data_workers`, or one per CPU core this process may use."""
+    return cfg.data_workers or len(os.sched_getaffinity(0))
+
+
+def build_shards(cfg: Config, shards: list[tuple[str, list[dict]]], parts: Path) -> int:
+    """Build every shard not yet in `parts` (in parallel when there are workers); return how many were reused."""
+    todo = [(name, rows) for name, rows in shards if not (parts / name).is_dir()]
+    total, workers = sum(len(rows) for _, rows in shards), min(worker_count(cfg), len(todo))
+    with tqdm(total=total, initial=total - sum(len(rows) for _, rows in todo), desc="build dataset", unit="img",
+              disable=not cfg.progress) as bar:
+        if workers <= 1:
+            for name, rows in todo:
+                build_shard(cfg, rows, parts / name)
+                bar.update(len(rows))
+        else:  # spawn: a fresh interpreter per worker, safe inside a Jupyter kernel with threads and torch loaded
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(build_shard, cfg, rows, parts / name): len(rows) for name, rows in todo}
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update(futures[future])
+    return len(shards) - len(todo)
+
+
+def join_shards(shards: list[tuple[str, list[dict]]], parts: Path) -> tuple[dict[str, datasets.Dataset], Counter]:
+    """The finished shards as one dataset per split, and their skipped inputs summed by reason."""
+    splits, skipped = {}, Counter()
+    for split in SPLITS:
+        names = [name for name, _ in shards if name.rsplit("-", 1)[0] == split]
+        pieces = [datasets.load_from_disk(str(parts / name)) for name in names]
+        splits[split] = datasets.concatenate_datasets(pieces) if pieces else empty_split()
+        for name in names:
+            skipped.update(json.loads((parts / name / "skipped.json").read_text()))
+    return splits, skipped
+
+
+def build_dataset(cfg: Config, shard_rows: int = SHARD_ROWS) -> BuildResult:
+    """Build, validate and atomically save the dataset of `cfg` (resuming a killed build); see the module docstring."""
     rows, skipped = plan_phantom(cfg) if cfg.data_source == "phantom" else plan_mimic(cfg)
+    shards = plan_shards(rows, shard_rows)
+    parts = plan_folder(cfg.dataset_path, plan_fingerprint(cfg, rows, shard_rows), "unfinished dataset shards")
+    reused = build_shards(cfg, shards, parts)
     work = temporary_sibling(cfg.dataset_path)
     try:
-        counts: dict = dict(skipped)
+        splits, counts = join_shards(shards, parts)
+        counts.update(skipped)
+        check_patient_disjoint(splits)
         with library_progress_bars(cfg.progress):
-            splits = {s: generate_split(cfg, [r for r in rows if r["split"] == s], counts, work / "cache")
-                      for s in SPLITS}
-            check_patient_disjoint(splits)
             datasets.DatasetDict(splits).save_to_disk(str(work / "dataset"))
         fingerprint = fingerprint_dir(work / "dataset", "**/*.arrow")
         skipped_table = skip_table(counts)
@@ -170,7 +247,8 @@ def build_dataset(cfg: Config) -> BuildResult:
         replace_dir(work / "dataset", cfg.dataset_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(datasets.load_from_disk(str(cfg.dataset_path)), cfg.dataset_path, skipped_table, fingerprint)
+    shutil.rmtree(parts)
+    return BuildResult(datasets.load_from_disk(str(cfg.dataset_path)), cfg.dataset_path, skipped_table, fingerprint, reused)
 
 
 def check_patient_disjoint(splits: dict[str, datasets.Dataset]) -> None:
