@@ -62,6 +62,12 @@ def write_mimic_tree(root: Path) -> dict[str, str]:
         "d08": ("10000006", "50000007", "PA", "train", "missing_report"),
         "d09": ("10000007", "50000008", "AP", "train", "no_impression_or_findings"),
         "d10": ("10000008", "50000009", "PA", "train", "zero_byte"),
+        "d11": ("10000009", "50000010", "PA", "train", "truncated"),
+        "d12": ("10000010", "50000011", "PA", "train", "huge"),
+        "d13": ("10000011", "50000012", "PA", "train", "png16"),  # 16-bit PNG behind a .jpg name: rescaled, kept
+        "d14": ("10000012", "50000013", "AP", "train", "grey_latin1"),  # greyscale JPEG, Latin-1 report
+        "d15": ("10000013", "50000014", "PA", "train", "utf16"),  # report saved as UTF-16 with a BOM
+        "d16": ("10000014", "50000015", "PA", "train", "blank_report"),  # whitespace-only report
     }
     meta, split = [], []
     for dicom, (subject, study, view, split_name, kind) in cases.items():
@@ -69,20 +75,44 @@ def write_mimic_tree(root: Path) -> dict[str, str]:
         split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": split_name})
         folder = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
         folder.mkdir(parents=True, exist_ok=True)
-        if kind == "unreadable_image":
-            (folder / f"{dicom}.jpg").write_bytes(b"not a jpeg at all")
-        elif kind == "zero_byte":
-            (folder / f"{dicom}.jpg").write_bytes(b"")
-        elif kind != "missing_image":
-            pixels = rng.integers(0, 255, (80, 60), dtype=np.uint8)
-            Image.fromarray(pixels).convert("RGB").save(folder / f"{dicom}.jpg")
+        write_image(folder / f"{dicom}.jpg", kind, rng)
+        report = folder.with_suffix(".txt")
         if kind == "no_impression_or_findings":
-            folder.with_suffix(".txt").write_text("INDICATION: cough.\nCOMPARISON: none.\n")
+            report.write_text("INDICATION: cough.\nCOMPARISON: none.\n")
+        elif kind == "blank_report":
+            report.write_text(" \n\t\n")
+        elif kind == "grey_latin1":
+            report.write_bytes(REPORT.replace("woman", "femme agée").encode("latin-1"))
+        elif kind == "utf16":
+            report.write_text(REPORT, encoding="utf-16")
         elif kind != "missing_report":
-            folder.with_suffix(".txt").write_text(REPORT)
+            report.write_text(REPORT)
+    meta.append(dict(meta[0]))  # d01 listed twice in the metadata
     for name, rows in (("mimic-cxr-2.0.0-metadata.csv.gz", meta), ("mimic-cxr-2.0.0-split.csv.gz", split)):
         with gzip.open(root / name, "wt") as handle:
             pd.DataFrame(rows).to_csv(handle, index=False)
-    expected = {d: c[4] for d, c in cases.items()}
-    expected["d10"] = "unreadable_image"
+    outcome = {"zero_byte": "unreadable_image", "truncated": "unreadable_image", "huge": "image_too_large",
+               "png16": "ok", "grey_latin1": "ok", "utf16": "ok", "blank_report": "no_impression_or_findings"}
+    expected = {d: outcome.get(c[4], c[4]) for d, c in cases.items()}
+    expected["d01 (listed twice)"] = "duplicate_dicom_id"
     return expected
+
+
+def write_image(path: Path, kind: str, rng: np.random.Generator) -> None:
+    """The image file of one test case (nothing for a missing image)."""
+    pixels = rng.integers(0, 255, (80, 60), dtype=np.uint8)
+    if kind == "unreadable_image":
+        path.write_bytes(b"not a jpeg at all")
+    elif kind == "zero_byte":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        Image.fromarray(pixels).save(path, format="JPEG")
+        path.write_bytes(path.read_bytes()[:200])
+    elif kind == "huge":  # 225 M pixels in a 27 kB file: PIL refuses it as a decompression bomb
+        Image.new("1", (15000, 15000)).save(path, format="PNG")
+    elif kind == "png16":
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(path, format="PNG")
+    elif kind == "grey_latin1":
+        Image.fromarray(pixels).save(path, format="JPEG")
+    elif kind != "missing_image":
+        Image.fromarray(pixels).convert("RGB").save(path, format="JPEG")

@@ -152,7 +152,10 @@ def test_mimic_build_counts_every_skip(tmp_path):
     for reason in set(expected.values()) - {"ok"}:
         assert skipped[reason] == list(expected.values()).count(reason), reason
     rows = {name: len(split) for name, split in result.dataset.items()}
-    assert rows == {"train": 2, "validation": 1, "test": 1}
+    assert rows == {"train": 5, "validation": 1, "test": 1}
+    assert {im.mode for im in result.dataset["train"]["image"]} == {"L"}
+    prompts = dict(zip(result.dataset["train"]["image_id"], result.dataset["train"]["prompt"]))
+    assert prompts["d15"] == prompts["d14"] == "Small right pleural effusion. No pneumothorax."
     item = result.dataset["train"][0]
     assert item["prompt"] == "Small right pleural effusion. No pneumothorax."
     assert item["Pleural Effusion"] == 1.0 and item["Pneumothorax"] == 0.0

@@ -262,8 +262,8 @@ def check_patient_disjoint(splits: dict[str, datasets.Dataset]) -> None:
 
 def skip_table(counts: dict[str, int]) -> pd.DataFrame:
     """Skipped inputs by reason, largest first (reasons with zero count are listed too)."""
-    reasons = ["no_impression_or_findings", "non_frontal_view", "not_in_split_file",
-               "missing_image", "missing_report", "unreadable_image"]
+    reasons = ["no_impression_or_findings", "non_frontal_view", "not_in_split_file", "duplicate_dicom_id",
+               "missing_image", "missing_report", "unreadable_image", "image_too_large"]
     table = pd.DataFrame({"reason": reasons, "count": [int(counts.get(r, 0)) for r in reasons]})
     return table.sort_values("count", ascending=False, kind="stable").reset_index(drop=True)
 

@@ -56,10 +56,16 @@ def study_folder(subject_id: str, study_id: str) -> Path:
 
 
 def plan_rows(studies: pd.DataFrame, n_images: int | None, seed: int) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Frontal images with a split, a seeded sample of n_images of them, and what was skipped."""
+    """Frontal images with a split, a seeded sample of n_images of them, and what was skipped.
+
+    A dicom id listed twice in the metadata is kept once (its first row), the repeats counted.
+    """
+    repeated = studies["dicom_id"].duplicated(keep="first")
+    studies = studies[~repeated]
     frontal = studies["ViewPosition"].isin(FRONTAL_VIEWS)
     unsplit = studies["split"].isna()
-    skipped = {"non_frontal_view": int((~frontal).sum()), "not_in_split_file": int((frontal & unsplit).sum())}
+    skipped = {"non_frontal_view": int((~frontal).sum()), "not_in_split_file": int((frontal & unsplit).sum()),
+               "duplicate_dicom_id": int(repeated.sum())}
     rows = studies[frontal & ~unsplit]
     if n_images is not None and n_images < len(rows):
         order = np.random.default_rng(seed).permutation(len(rows))[:n_images]
@@ -92,5 +98,7 @@ def load_pair(row: pd.Series, mimic_root: Path, reports_root: Path, size: int) -
         return "no_impression_or_findings"
     try:
         return load_image(image_path, size), prompt
+    except Image.DecompressionBombError:  # over 2 x PIL's pixel limit: a corrupt header or not a radiograph
+        return "image_too_large"
     except (UnidentifiedImageError, OSError, ValueError):
         return "unreadable_image"

@@ -104,8 +104,10 @@ def parse_mimic_sections(text: str) -> dict[str, str]:
 
 
 def read_report_file(path: Path) -> str:
-    """Read a report as text whatever its encoding: UTF-8 (with or without BOM), else Latin-1."""
+    """Read a report as text whatever its encoding: UTF-16 with a BOM, UTF-8 (with or without BOM), else Latin-1."""
     raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
