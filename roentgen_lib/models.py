@@ -40,6 +40,11 @@ ARCHITECTURES = {
     "demo": {"channels": (32, 64, 64), "groups": 16, "cross_attention": 64, "text_width": 64, "text_layers": 2},
 }
 PROJECTION_FILE = "text_projection.safetensors"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot or must not be loaded; the message names the file or folder and why."""
 # Stable Diffusion's noise schedule with 2.x's v-prediction target. On 16x16 latents the noisy
 # latent alone predicts epsilon almost as well as with the prompt (true vs shuffled prompts: 0.3%
 # loss gap after 600 fine-tuning steps), so an epsilon model never learns to read its prompt; the v
@@ -115,6 +120,8 @@ def load_base(name_or_path: str, text_encoder: str | None = None) -> Base:
     if Path(name_or_path).is_absolute() and not (Path(name_or_path) / "model_index.json").is_file():
         raise FileNotFoundError(f"base_model={name_or_path!r} is not a diffusers pipeline folder "
                                 "(no model_index.json); build the project's base with `make base`")
+    for folder in local_weight_folders(name_or_path, text_encoder):
+        refuse_pickled(folder)
     load = {"use_safetensors": True}
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **load)
     saved_projection = Path(name_or_path, "text_encoder", PROJECTION_FILE).is_file()
@@ -126,9 +133,42 @@ def load_base(name_or_path: str, text_encoder: str | None = None) -> Base:
     else:
         encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **load)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
-    return Base(vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **load), unet=unet,
+    base = Base(vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **load), unet=unet,
                 text_encoder=encoder, tokenizer=tokenizer,
                 noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler"))
+    check_compatible(base, name_or_path)
+    return base
+
+
+def local_weight_folders(name_or_path: str, text_encoder: str | None) -> list[Path]:
+    """The local folders weights are read from: each component folder of the base, and a text-encoder override."""
+    root = Path(name_or_path)
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+    return folders + ([Path(text_encoder)] if text_encoder and Path(text_encoder).is_dir() else [])
+
+
+def refuse_pickled(folder: Path) -> None:
+    """Refuse a model folder whose weights exist only as pickles: unpickling a file can run code."""
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise WeightsError(f"{folder / pickled[0]} is a pickled weight file and {folder} holds no .safetensors: "
+                           "this project loads safetensors only, because unpickling a file can run code. Convert it "
+                           "where you trust it (load, then save_pretrained(..., safe_serialization=True)) and use that")
+
+
+def check_compatible(base: Base, source: str) -> None:
+    """The components must fit each other: VAE latents into the U-Net, text states into its cross-attention."""
+    latent, unet = base.vae.config.latent_channels, base.unet.config
+    problems = []
+    if unet.in_channels not in (latent, 2 * latent + 1) or unet.out_channels != latent:  # 2c+1: inpainting U-Nets
+        problems.append(f"the VAE makes {latent}-channel latents but the U-Net takes {unet.in_channels} "
+                        f"and predicts {unet.out_channels}")
+    width = getattr(base.text_encoder.config, "hidden_size", unet.cross_attention_dim)
+    if not isinstance(base.text_encoder, ProjectedTextEncoder) and width != unet.cross_attention_dim:
+        problems.append(f"the text encoder is {width} wide but the U-Net's cross-attention expects {unet.cross_attention_dim}")
+    if problems:
+        raise WeightsError(f"{source}: components from different architectures ({'; '.join(problems)}); "
+                           "was a folder of another model copied in?")
 
 
 def weights_fingerprint(*modules: nn.Module, extra: str = "") -> str:
@@ -231,6 +271,9 @@ def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: flo
         diffusers_logging.set_verbosity_error()  # a U-Net-only adapter is not worth a warning per load
         try:
             pipe.load_lora_weights(str(finetuned), adapter_name="finetuned")
+        except (RuntimeError, ValueError) as error:
+            detail = " ".join(str(error).split("\n")[:2])
+            raise WeightsError(f"LoRA adapter {finetuned} does not fit the base {base_path}: {detail}") from error
         finally:
             diffusers_logging.set_verbosity(verbosity)
         pipe.set_adapters(["finetuned"], adapter_weights=[lora_scale])

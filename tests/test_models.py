@@ -1,5 +1,7 @@
 """Tiny SD components, loading a base from a local folder, the text-encoder override, the general domain."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,45 @@ def test_pretrained_vae_gets_a_unit_variance_scaling_factor():
     base = models.build_components("tiny", 32, seed=0)
     losses = models.pretrain_vae(base.vae, 32, steps=3, batch_size=4, seed=0, progress=False)
     assert len(losses) == 3 and base.vae.config.scaling_factor != 0.18215
+
+
+def test_pickled_weights_are_refused_with_the_reason(tiny_base_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_base_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))  # the bytes never get unpickled: the name alone is refused
+    with pytest.raises(models.WeightsError, match=r"unet/diffusion_pytorch_model.bin is a pickled weight file.*unpickling"):
+        models.load_base(str(folder))
+
+
+def test_truncated_weights_name_the_file(tiny_base_dir, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny_base_dir, folder)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(OSError, match=r"vae/diffusion_pytorch_model.safetensors"):
+        models.load_base(str(folder))
+
+
+def test_components_of_another_architecture_are_named(tiny_base_dir, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_base_dir, folder)
+    shutil.rmtree(folder / "unet")
+    models.build_components("demo", 64, seed=0).unet.save_pretrained(folder / "unet", safe_serialization=True)
+    with pytest.raises(models.WeightsError, match=r"mixed: components from different architectures.*text encoder is 32 wide"):
+        models.load_base(str(folder))
+
+
+def test_a_lora_adapter_for_another_base_is_named(tiny_base_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from roentgen_lib import train
+
+    other = models.build_components("demo", 64, seed=0)
+    train.add_lora(other.unet, 4, 4, "to_q,to_k,to_v,to_out.0")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(other.unet))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=layers, safe_serialization=True)
+    with pytest.raises(models.WeightsError, match=r"LoRA adapter .*lora does not fit the base .*size mismatch"):
+        models.load_pipeline(str(tiny_base_dir), tmp_path / "lora")
