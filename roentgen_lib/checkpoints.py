@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from roentgen_lib.files import temporary_sibling, write_json_atomic
+from roentgen_lib.files import check_free_space, temporary_sibling, write_json_atomic
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -81,6 +81,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def write_checkpoint(run_dir: Path, step: int, states: dict[str, Any], keep: int) -> Path:
     """Write states atomically as checkpoint-<step>; keep the newest `keep` checkpoints."""
     target = run_dir / f"checkpoint-{step}"
+    tensors = split_tensors(states)[1].values()
+    check_free_space(run_dir, sum(t.numel() * t.element_size() for t in tensors), f"checkpoint-{step}")
     work = temporary_sibling(target)
     try:
         for name, state in states.items():

@@ -58,6 +58,18 @@ def ensure_writable(folder: Path) -> Path:
     return folder
 
 
+def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
+    """Raise OutputError before writing `what` (about `needed_bytes`) where less space is free.
+
+    A full disk found before the work costs seconds; found mid-write it costs the work (atomic
+    writes still leave no corrupt output behind).
+    """
+    free = shutil.disk_usage(ensure_writable(folder)).free
+    if free < needed_bytes:
+        raise OutputError(f"{what} needs about {needed_bytes / 2**20:,.0f} MB in {folder}, but only "
+                          f"{free / 2**20:,.0f} MB are free; free some space or choose another output folder")
+
+
 def temporary_sibling(path: Path) -> Path:
     """A fresh, empty folder next to `path` (same file system, so a rename is atomic)."""
     ensure_writable(path.parent)

@@ -104,3 +104,32 @@ def test_dataset_build_killed_midway_resumes_to_the_same_dataset(tmp_path):
     resumed = dataset.build_dataset(config.resolve("tiny", output_dir=str(target)), shard_rows=2)
     assert resumed.reused_shards >= 2 and resumed.fingerprint == straight.fingerprint
     assert not parts.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_full_disk_is_reported_before_work_starts(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))  # 1 MB free
+    cfg = config.resolve("tiny", output_dir=str(tmp_path / "dataset"), n_images=2000)
+    with pytest.raises(files.OutputError, match=r"the dataset of 2000 images needs about 4 MB in .*only 1 MB are free"):
+        dataset.build_dataset(cfg)
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing half-written
+
+
+def test_disk_full_mid_write_leaves_the_previous_dataset_whole(tiny_cfg, monkeypatch):
+    import datasets as hf_datasets
+    import errno
+
+    first = dataset.build_dataset(tiny_cfg)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hf_datasets.DatasetDict, "save_to_disk", full)
+    with pytest.raises(OSError, match="No space left"):
+        dataset.build_dataset(tiny_cfg)
+    assert dataset.read_manifest(first.path)["fingerprint"] == first.fingerprint
+    assert dataset.load(tiny_cfg)["train"].num_rows == first.dataset["train"].num_rows
+    assert not [p for p in first.path.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

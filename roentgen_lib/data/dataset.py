@@ -35,7 +35,7 @@ from roentgen_lib.config import Config
 from roentgen_lib.data import mimic, phantom
 from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
-from roentgen_lib.files import fingerprint_dir, plan_folder, replace_dir, temporary_sibling, write_json_atomic
+from roentgen_lib.files import check_free_space, fingerprint_dir, plan_folder, replace_dir, temporary_sibling, write_json_atomic
 from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.text import labels as labeler
 from roentgen_lib.text.compose import composed_reports
@@ -230,6 +230,8 @@ def build_dataset(cfg: Config, shard_rows: int = SHARD_ROWS) -> BuildResult:
     """Build, validate and atomically save the dataset of `cfg` (resuming a killed build); see the module docstring."""
     rows, skipped = plan_phantom(cfg) if cfg.data_source == "phantom" else plan_mimic(cfg)
     shards = plan_shards(rows, shard_rows)
+    # shards plus the joined copy, at most one byte per pixel each (PNG compresses radiographs further)
+    check_free_space(cfg.dataset_path.parent, 2 * len(rows) * cfg.image_size**2, f"the dataset of {len(rows)} images")
     parts = plan_folder(cfg.dataset_path, plan_fingerprint(cfg, rows, shard_rows), "unfinished dataset shards")
     reused = build_shards(cfg, shards, parts)
     work = temporary_sibling(cfg.dataset_path)
