@@ -35,7 +35,8 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 Scheduler = Literal["dpmsolver++", "ddim", "euler", "euler_ancestral", "pndm"]
 # Fields read only by sampling: changing them never changes what training produces.
 SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scale", "negative_prompt", "lora_scale",
-                   "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts", "guidance_sweep",
+                   "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts", "synthetic_split_prompts",
+                   "guidance_sweep",
                    "steps_sweep", "edit_strength")
 # Fields read only by evaluation (05): changing them never changes what training produces.
 EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "classifier_epochs", "downstream_seeds",
@@ -116,6 +117,7 @@ class Config:
     sample_batch_size: int = 16  # images per sampler call (16 was fastest on 2 CPU cores, make bench-sample)
     synthetic_dir: str | None = None  # synthetic dataset folder; None: data/<profile>/synthetic
     synthetic_prompts: str = "test,specs"  # comma list of sources: a split name, "specs", or a .csv path
+    synthetic_split_prompts: int | None = None  # at most this many prompts from each split source (seeded); None: all
     guidance_sweep: str = "1,2,4,8"  # guidance scales compared in 04
     steps_sweep: str = "5,10,20,40"  # step counts compared in 04
     edit_strength: float = 0.7  # image-to-image strength of counterfactual edits (0 keeps, 1 redraws)
@@ -289,8 +291,9 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"profile={cfg.profile!r} is not a profile; allowed: {', '.join(PROFILE_NAMES)}")
     if cfg.image_size < 16 or cfg.image_size % 8:
         raise ConfigError(f"parameter 'image_size' must be a multiple of 8 and >= 16, got {cfg.image_size}")
-    if cfg.n_images is not None and cfg.n_images < 1:
-        raise ConfigError(f"parameter 'n_images' must be >= 1 or None (all), got {cfg.n_images}")
+    for name in ("n_images", "synthetic_split_prompts"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"parameter {name!r} must be >= 1 or None (all), got {getattr(cfg, name)}")
     if cfg.seed < 0:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
     positive = ("base_images", "base_vae_steps", "base_steps", "lora_rank", "lora_alpha", "batch_size",
@@ -381,7 +384,8 @@ PROFILES: dict[str, Config] = {
                    checkpoint_every=6, validation_every=6, sampling_steps=4, images_per_prompt=2,
                    sample_batch_size=8, guidance_sweep="1,4", steps_sweep="2,4", eval_prompts=6, classifier_epochs=2,
                    downstream_seeds="0", downstream_images_per_prompt=1, eval_references=1),
-    "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, max_steps=800, eval_prompts=24),
+    "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, max_steps=800, eval_prompts=24,
+                   synthetic_split_prompts=128),
     "paper": Config(profile="paper", data_source="mimic", n_images=None, image_size=512,
                     base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=1e-5,
                     lr_warmup_steps=500, batch_size=8, gradient_accumulation=32, max_steps=12500,

@@ -58,7 +58,7 @@ def recipe_code() -> list[str]:
     from roentgen_lib.data import general
 
     functions = (models.build_components, models.pretrain_vae, models.images_to_tensor, models.save_base,
-                 train.cache_pairs, train.tokenize, train.encode_text, train.trained_models, train.batch_indices,
+                 train.cache_pairs, train.encode_images, train.tokenize, train.encode_text, train.trained_models, train.batch_indices,
                  train.diffusion_loss, train.make_optimizer, train.step_generator, train.run_training,
                  general_scenes, pretraining_config, build_base)
     constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, train.CAPTION_DROPOUT))

@@ -86,7 +86,10 @@ def list_prompts(prompts: list[str]) -> pd.DataFrame:
 
 
 def prompt_table(cfg: Config) -> pd.DataFrame:
-    """All prompts named by `cfg.synthetic_prompts`: split names, "specs", or CSV paths, comma separated."""
+    """All prompts named by `cfg.synthetic_prompts`: split names, "specs", or CSV paths, comma separated.
+
+    A split contributes at most `cfg.synthetic_split_prompts` of its reports (a seeded sample, in split order).
+    """
     tables = []
     for source in (s.strip() for s in cfg.synthetic_prompts.split(",") if s.strip()):
         if source == "specs":
@@ -94,7 +97,9 @@ def prompt_table(cfg: Config) -> pd.DataFrame:
         elif source.endswith(".csv"):
             tables.append(csv_prompts(source))
         else:
-            tables.append(split_prompts(cfg, source))
+            reports = split_prompts(cfg, source)
+            limit = min(cfg.synthetic_split_prompts or len(reports), len(reports))
+            tables.append(reports.sample(n=limit, random_state=cfg.seed).sort_index())
     if not tables:
         raise SamplingError("synthetic_prompts names no source; use e.g. 'test,specs' or a .csv path")
     return pd.concat(tables, ignore_index=True)

@@ -38,17 +38,19 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from roentgen_lib.checkpoints import latest_checkpoint, load_state, read_checkpoint, write_checkpoint
 from roentgen_lib.config import EVALUATION_FIELDS, SAMPLING_FIELDS, VARIANTS, Config
 from roentgen_lib.data.dataset import load as load_dataset
-from roentgen_lib.files import replace_dir, temporary_sibling, write_json_atomic
+from roentgen_lib.files import replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
 from roentgen_lib.models import Base, images_to_tensor, load_base, sample_grid, save_base, weights_fingerprint
 from roentgen_lib.progress import library_progress_bars
 
 CAPTION_DROPOUT = 0.1  # share of prompts replaced by "" so classifier-free guidance works
 VALIDATION_SEED = 12345
+LATENT_CACHE = ".latent_cache"  # folder under models_dir holding VAE latents shared by the runs
 
 
 @dataclass
@@ -99,19 +101,46 @@ def encode_text(text_encoder, input_ids: torch.Tensor, batch_size: int = 256) ->
 
 @torch.no_grad()
 def cache_pairs(base: Base, images: list[Image.Image], prompts: list[str], size: int,
-                cache_text: bool, batch_size: int = 64, progress: bool = True) -> Pairs:
-    """Encode every image once with the frozen VAE (and prompts, if the text encoder is frozen)."""
-    device = next(base.vae.parameters()).device
-    means, stds = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc="cache latents", disable=not progress):
-        dist = base.vae.encode(images_to_tensor(images[i : i + batch_size], size).to(device)).latent_dist
-        means.append(dist.mean.cpu())
-        stds.append(dist.std.cpu())
+                cache_text: bool, batch_size: int = 64, progress: bool = True, cache_dir: Path | None = None) -> Pairs:
+    """Encode every image once with the frozen VAE (and prompts, if the text encoder is frozen).
+
+    With `cache_dir`, latents are kept in a file named by the VAE's weights and the images' bytes,
+    so the runs of one notebook (and of later ones) encode each dataset once.
+    """
+    cache = latent_cache_file(base.vae, images, size, cache_dir) if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        saved = load_file(str(cache))
+        means, stds = saved["mean"], saved["std"]
+    else:
+        means, stds = encode_images(base.vae, images, size, batch_size, progress)
+        if cache is not None:
+            write_file_atomic(cache, lambda path: save_file({"mean": means.contiguous(), "std": stds.contiguous()}, str(path)))
     ids = tokenize(base.tokenizer, [*prompts, ""])
-    pairs = Pairs(torch.cat(means), torch.cat(stds), ids)
+    pairs = Pairs(means, stds, ids)
     if cache_text:
         pairs.text_states = encode_text(base.text_encoder, ids)
     return pairs
+
+
+@torch.no_grad()
+def encode_images(vae, images: list[Image.Image], size: int, batch_size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE's latent distribution for each image."""
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="cache latents", disable=not progress):
+        dist = vae.encode(images_to_tensor(images[i : i + batch_size], size).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def latent_cache_file(vae, images: list[Image.Image], size: int, cache_dir: Path) -> Path:
+    """The cache file of these images' latents under this VAE (a digest of weights, size and pixels)."""
+    digest = hashlib.sha256(f"{weights_fingerprint(vae)}:{size}".encode())
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return Path(cache_dir) / f"latents-{digest.hexdigest()[:32]}.safetensors"
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: int, targets: str) -> None:
@@ -366,8 +395,9 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
         if "text_encoder" in models:
             base.text_encoder.gradient_checkpointing_enable()
     frozen_text = "text_encoder" not in models
-    train = cache_pairs(base, *train_data, cfg.image_size, frozen_text, progress=cfg.progress and main)
-    val = cache_pairs(base, *val_data, cfg.image_size, frozen_text, progress=False)
+    cache_dir = cfg.models_path / LATENT_CACHE
+    train = cache_pairs(base, *train_data, cfg.image_size, frozen_text, progress=cfg.progress and main, cache_dir=cache_dir)
+    val = cache_pairs(base, *val_data, cfg.image_size, frozen_text, progress=False, cache_dir=cache_dir)
     inputs = inputs_fingerprint(base_weights, train)
     if cfg.resume and main:
         set_aside_if_stale(run_dir, inputs)

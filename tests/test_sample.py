@@ -204,3 +204,13 @@ def test_bad_specs_and_sweeps_are_refused():
         synthetic.compose_prompt("Cardiomegaly", "left", "large")
     with pytest.raises(config.ConfigError, match="guidance_sweep"):
         config.resolve("tiny", guidance_sweep="1,x")
+
+
+def test_split_prompts_are_capped_by_a_seeded_sample(tiny_world):
+    cfg = dataclasses.replace(tiny_world, synthetic_prompts="train,specs", synthetic_split_prompts=5)
+    table = synthetic.prompt_table(cfg)
+    train_rows = table[table.source.str.startswith("train:")]
+    assert len(train_rows) == 5 and train_rows.index.is_monotonic_increasing
+    assert list(synthetic.prompt_table(cfg).prompt) == list(table.prompt)  # the same sample every time
+    everything = synthetic.prompt_table(dataclasses.replace(cfg, synthetic_split_prompts=None))
+    assert everything.source.str.startswith("train:").sum() > 5

@@ -143,3 +143,16 @@ def test_two_processes_train_and_checkpoint(tiny_world, tmp_path):
     assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "ddp")] == [6, 12]
     assert (tmp_path / "ddp" / "pipeline" / "model_index.json").is_file()
     assert pretrain.base_exists(config.resolve("tiny", base_model=tiny_world.base_model))
+
+
+def test_latents_are_encoded_once_per_vae_and_images(tiny_world, tmp_path, monkeypatch):
+    base = models.load_base(tiny_world.base_model_path)
+    images, prompts = train.load_pairs(tiny_world, "validation")
+    first = train.cache_pairs(base, images, prompts, 32, cache_text=False, progress=False, cache_dir=tmp_path)
+    monkeypatch.setattr(train, "encode_images", lambda *a, **k: pytest.fail("encoded again despite the cache"))
+    again = train.cache_pairs(base, images, prompts, 32, cache_text=False, progress=False, cache_dir=tmp_path)
+    assert torch.equal(first.latent_mean, again.latent_mean) and torch.equal(first.latent_std, again.latent_std)
+    assert len(list(tmp_path.glob("latents-*.safetensors"))) == 1
+    monkeypatch.undo()
+    train.cache_pairs(base, images[:-1], prompts[:-1], 32, cache_text=False, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("latents-*.safetensors"))) == 2  # other images, another file
