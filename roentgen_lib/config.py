@@ -212,6 +212,8 @@ def resolve(profile: str = "demo", **overrides: Any) -> Config:
     chosen = {name: value for name, value in overrides.items() if value is not None}
     cfg = dataclasses.replace(PROFILES[profile], **chosen)
     check_required(cfg)
+    check_conflicts(cfg, set(chosen))
+    check_paths(cfg)
     return cfg
 
 
@@ -353,6 +355,32 @@ def check_required(cfg: Config) -> None:
             "parameter 'mimic_root' is required when data_source='mimic': "
             "the folder holding files/ and mimic-cxr-2.0.0-metadata.csv.gz"
         )
+
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "unet_lora_targets", "text_lora_targets")
+
+
+def check_conflicts(cfg: Config, chosen: set[str]) -> None:
+    """Refuse settings the user chose that the rest of the config would silently ignore."""
+    ignored = sorted(chosen.intersection(LORA_FIELDS)) if cfg.method != "lora" else []
+    if ignored:
+        raise ConfigError(f"parameter {ignored[0]!r} applies to LoRA only, but method={cfg.method!r}; "
+                          "set method='lora' or drop it")
+    for name in ("mimic_root", "mimic_reports_root"):
+        if name in chosen and cfg.data_source != "mimic":
+            raise ConfigError(f"parameter {name!r} is set but data_source={cfg.data_source!r}; set data_source='mimic' "
+                              "to build from MIMIC-CXR, or drop it")
+
+
+def check_paths(cfg: Config) -> None:
+    """Local folders the config names must exist (a hub id for base_model is left to the hub)."""
+    folders = {"mimic_root": cfg.mimic_root, "mimic_reports_root": cfg.mimic_reports_root, "text_encoder": cfg.text_encoder}
+    if cfg.base_model is not None and cfg.base_model.startswith((".", "/", "~")):
+        folders["base_model"] = cfg.base_model
+    for name, value in folders.items():
+        if value is not None and not project_path(value).is_dir():
+            raise ConfigError(f"parameter {name!r}: folder {value!r} does not exist (relative paths are taken from "
+                              f"{PROJECT_ROOT})")
 
 
 def project_path(path: str | Path) -> Path:

@@ -30,12 +30,12 @@ REPORT = """                                 FINAL REPORT
 def tiny_world(tmp_path_factory):
     """The tiny dataset and base, built in a temporary folder."""
     root = tmp_path_factory.mktemp("world")
-    cfg = config.resolve("tiny", output_dir=str(root / "dataset"), base_model=str(root / "base"),
-                         models_dir=str(root / "models"))
-    dataset.build_dataset(cfg)
     base = models.build_components("tiny", 32, seed=0)
     models.pretrain_vae(base.vae, 32, steps=2, batch_size=4, seed=0, progress=False)
     base.pipeline().save_pretrained(root / "base", safe_serialization=True)
+    cfg = config.resolve("tiny", output_dir=str(root / "dataset"), base_model=str(root / "base"),
+                         models_dir=str(root / "models"))
+    dataset.build_dataset(cfg)
     return cfg
 
 

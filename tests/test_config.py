@@ -8,7 +8,7 @@ from roentgen_lib import config
 def test_profiles_resolve_with_their_sizes():
     assert config.resolve("tiny").image_size == 32
     assert config.resolve("demo").n_images == 6000 and config.resolve("demo").composed_reports == 8000
-    assert config.resolve("paper", mimic_root="/x").data_source == "mimic"
+    assert config.resolve("paper", mimic_root="/").data_source == "mimic"
 
 
 def test_none_keeps_profile_value_and_overrides_apply():
@@ -27,6 +27,13 @@ def test_none_keeps_profile_value_and_overrides_apply():
         ({"data_source": "nih"}, "one of 'phantom', 'mimic'"),
         ({"val_fraction": 0.7}, "'val_fraction' must be in [0, 0.5)"),
         ({"data_source": "mimic"}, "'mimic_root' is required"),
+        ({"lora_rank": 4}, "parameter 'lora_rank' applies to LoRA only, but method='full'"),
+        ({"mimic_root": "/"}, "parameter 'mimic_root' is set but data_source='phantom'"),
+        ({"data_source": "mimic", "mimic_root": "/no/such/mimic"}, "parameter 'mimic_root': folder '/no/such/mimic' does not exist"),
+        ({"text_encoder": "models/no-encoder"}, "parameter 'text_encoder': folder 'models/no-encoder' does not exist"),
+        ({"base_model": "./no-base"}, "parameter 'base_model': folder './no-base' does not exist"),
+        ({"synthetic_split_prompts": 0}, "'synthetic_split_prompts' must be >= 1 or None"),
+        ({"data_workers": -1}, "'data_workers' must be >= 0"),
     ],
 )
 def test_bad_parameters_are_named(kwargs, fragment):
@@ -45,3 +52,9 @@ def test_paths_are_taken_from_project_root():
     assert cfg.dataset_path == config.PROJECT_ROOT / "data" / "tiny" / "cxr_dataset"
     assert config.resolve("demo").figures_path == config.PROJECT_ROOT / "figures"
     assert config.resolve("tiny").figures_path != config.PROJECT_ROOT / "figures"
+
+
+def test_a_hub_id_is_not_taken_for_a_missing_folder():
+    assert config.resolve("tiny", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").base_model_path == \
+        "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert config.resolve("tiny", method="lora", lora_rank=4).lora_rank == 4

@@ -175,6 +175,7 @@ def test_missing_run_folder_is_refused_listing_what_exists(runs):
 
 
 def test_missing_base_is_refused(tmp_path):
+    (tmp_path / "no_base").mkdir()  # a folder, but no pipeline in it (a missing folder is refused by config)
     cfg = config.resolve("tiny", base_model=str(tmp_path / "no_base"), models_dir=str(tmp_path))
     with pytest.raises(sample.SamplingError, match="no base model at .*no_base.*make base"):
         sample.load_model(cfg, "base")
