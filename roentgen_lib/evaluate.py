@@ -378,6 +378,18 @@ def memorization_summary(audit: pd.DataFrame, **keys) -> pd.DataFrame:
                                               ("either", "flagged"))])
 
 
+def audit_synthetic_dataset(cfg: Config, path: str | Path, judge: FindingNet | None = None) -> pd.DataFrame:
+    """The memorization audit of any saved synthetic dataset (an `image` column) against the real training split.
+
+    05's section 6 on its own, for checking a dataset before sharing it. Without a `judge`, one is
+    trained on the real training split first (about a minute on the demo profile).
+    """
+    real = real_images(cfg)
+    judge = judge or train_judge(cfg, real)
+    images = images_array(datasets.load_from_disk(str(path)), cfg.image_size)
+    return memorization_audit(images, real.train, predict(judge, images)["features"], predict(judge, real.train)["features"])
+
+
 # ---------------------------------------------------------------- text-encoder probe
 
 @torch.no_grad()

@@ -19,3 +19,11 @@ def test_no_tracked_images_or_weights_outside_figures():
     private = re.compile(r"\.(png|jpe?g|dcm|safetensors|ckpt|bin|pt|pth|arrow|parquet)$", re.I)
     offending = [f for f in tracked if private.search(f) and not f.startswith("figures/")]
     assert not offending
+
+
+def test_the_library_never_unpickles():
+    """Weights and states are read with safetensors and JSON only: no pickle-based loader anywhere in the library."""
+    unpickling = re.compile(r"\b(torch\.load|pickle\.loads?|joblib\.load|np\.load\([^)]*allow_pickle\s*=\s*True)")
+    offending = [f"{path.name}:{n}" for path in sorted((PROJECT_ROOT / "roentgen_lib").rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if unpickling.search(line)]
+    assert not offending

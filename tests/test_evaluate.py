@@ -154,3 +154,11 @@ def test_evaluation_prompts_hold_three_sets_and_seen_phrasings_are_found(tiny_wo
     assert len(prompts[prompts.source.str.startswith("test:")]) <= tiny_world.eval_prompts
     seen = evaluate.seen_in_training(["small right pleural effusion.", "zebra"], ["Small right pleural effusion. No edema."])
     assert seen["seen in training"].tolist() == [True, False]
+
+
+def test_audit_of_a_saved_dataset_flags_training_images_saved_into_it(tiny_world, tmp_path):
+    """The audit runs on its own against any saved dataset: one holding training images is flagged."""
+    train = datasets.load_from_disk(str(tiny_world.dataset_path))["train"]
+    train.select(range(3)).select_columns(["image"]).save_to_disk(str(tmp_path / "leaky"))
+    audit = evaluate.audit_synthetic_dataset(tiny_world, tmp_path / "leaky")
+    assert len(audit) == 3 and audit["pixel flagged"].all() and (audit["pixel distance"] == 0).all()

@@ -133,3 +133,53 @@ def test_disk_full_mid_write_leaves_the_previous_dataset_whole(tiny_cfg, monkeyp
     assert dataset.read_manifest(first.path)["fingerprint"] == first.fingerprint
     assert dataset.load(tiny_cfg)["train"].num_rows == first.dataset["train"].num_rows
     assert not [p for p in first.path.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_kill_during_checkpoint_writing_keeps_the_previous_one(tmp_path):
+    """SIGKILL while checkpoint-2 (400 MB) is being written: checkpoint-1 stays the latest, whole and loadable."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from roentgen_lib import checkpoints
+
+    code = ("import torch; from roentgen_lib import checkpoints as c; from pathlib import Path; "
+            f"run = Path({str(tmp_path)!r}); "
+            "c.write_checkpoint(run, 1, {'models': {'w': torch.arange(4.0)}}, keep=2); "
+            "c.write_checkpoint(run, 2, {'models': {'w': torch.zeros(100_000_000)}}, keep=2)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: any(p.name.startswith(".checkpoint-2.tmp-") for p in tmp_path.iterdir()))
+    latest = checkpoints.latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "checkpoint-1"
+    step, states = checkpoints.read_checkpoint(latest)
+    assert step == 1 and torch.equal(states["models"]["w"], torch.arange(4.0))
+
+
+def test_synthetic_generation_killed_midway_resumes_to_the_same_dataset(tiny_world, tmp_path):
+    """04's generation SIGKILLed after two batches: the rerun draws only the rest, image for image the same."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from roentgen_lib import synthetic
+
+    prompts = ["large left pleural effusion.", "no acute cardiopulmonary process.", "moderate cardiomegaly.",
+               "small right pneumothorax.", "mild pulmonary edema."]
+    settings = sample.SamplingSettings(steps=2, batch_size=1)
+    model = sample.load_model(tiny_world, "base")
+    straight = synthetic.generate_dataset(model, synthetic.list_prompts(prompts), tmp_path / "straight", settings, 2, 0,
+                                          progress=False)
+    target = tmp_path / "resumed"
+    code = ("from roentgen_lib import config, sample, synthetic; "
+            f"cfg = config.resolve('tiny', output_dir={tiny_world.output_dir!r}, base_model={tiny_world.base_model!r}); "
+            f"synthetic.generate_dataset(sample.load_model(cfg, 'base'), synthetic.list_prompts({prompts!r}), "
+            f"{str(target)!r}, sample.SamplingSettings(steps=2, batch_size=1), 2, 0, progress=False)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / ".resumed.parts"
+    kill_when(process, lambda: len(list(parts.glob("batch-*.safetensors"))) >= 2)
+    assert not target.exists()
+    resumed = synthetic.generate_dataset(model, synthetic.list_prompts(prompts), target, settings, 2, 0, progress=False)
+    assert synthetic.read_manifest(target)["last_run"]["images_drawn"] < len(straight)  # only the missing batches
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(straight["image"], resumed["image"]))
