@@ -2,12 +2,14 @@
 
 `build_dataset(cfg)` writes a Hugging Face `DatasetDict` (train / validation / test, disjoint by
 patient) to `cfg.dataset_path`, atomically, with a manifest of counts, skipped inputs by reason and
-a content fingerprint. Images are built in shards of `SHARD_ROWS` rows by `cfg.data_workers`
-processes, each shard saved atomically under `.<name>.parts/`: a build that is killed keeps its
-finished shards, and the rerun builds only the rest, ending with the same dataset byte for byte. Columns: image, prompt, one column per CheXpert observation (1 positive,
+a content fingerprint. Columns: image, prompt, one column per CheXpert observation (1 positive,
 0 negative, -1 uncertain, None unmentioned), subject_id, study_id, image_id, split, report_labels
 (the labeler's full output as JSON) and drawn (what the phantom renderer drew, as JSON; "" for
 real images).
+
+Images are built in shards of `SHARD_ROWS` rows by `cfg.data_workers` processes, each shard saved
+atomically under `.<name>.parts/`: a build that is killed keeps its finished shards, and the rerun
+builds only the rest, ending with the same dataset byte for byte.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def mimic_records(rows: list[dict], size: int, mimic_root: str, reports_root: st
 
 
 def empty_split() -> datasets.Dataset:
+    """A split with no rows and the dataset's columns (a split no patient falls into)."""
     return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
 
 
