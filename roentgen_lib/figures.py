@@ -287,10 +287,15 @@ def fig_table(table: pd.DataFrame, title: str, width: float = 14.0) -> Figure:
     ax = fig.add_subplot(1, 1, 1)
     ax.axis("off")
     shown = table.reset_index()
-    cell = ax.table(cellText=shown.astype(str).to_numpy(), colLabels=[str(c) for c in shown.columns], loc="center")
+    labels = [str(c).replace(" | ", "\n") for c in shown.columns]  # "metric | prompts | finding" on three lines
+    cell = ax.table(cellText=shown.astype(str).to_numpy(), colLabels=labels, loc="center")
     cell.auto_set_font_size(False)
     cell.set_fontsize(7)
     cell.scale(1, 1.3)
+    header_lines = max(label.count("\n") + 1 for label in labels)
+    for (row, _), box in cell.get_celld().items():
+        if row == 0:
+            box.set_height(box.get_height() * header_lines)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
