@@ -176,3 +176,16 @@ def test_mimic_leakage_is_refused(tmp_path):
               "test": datasets.Dataset.from_dict({"subject_id": ["2"]})}
     with pytest.raises(ValueError, match="patient 2 is in both 'train' and 'test'"):
         dataset.check_patient_disjoint(splits)
+
+
+def test_a_script_without_a_main_guard_gets_told_how_to_fix_it(tmp_path):
+    """Worker processes re-import the calling script; unguarded, they die, and the error says why."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text("from roentgen_lib import config\nfrom roentgen_lib.data import dataset\n"
+                      f"dataset.build_dataset(config.resolve('tiny', data_workers=2, output_dir={str(tmp_path / 'd')!r}),"
+                      " shard_rows=8)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and 'put the call under `if __name__ == "__main__":`' in done.stderr

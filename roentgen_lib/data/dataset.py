@@ -24,6 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,11 +210,17 @@ def build_shards(cfg: Config, shards: list[tuple[str, list[dict]]], parts: Path)
                 build_shard(cfg, rows, parts / name)
                 bar.update(len(rows))
         else:  # spawn: a fresh interpreter per worker, safe inside a Jupyter kernel with threads and torch loaded
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(build_shard, cfg, rows, parts / name): len(rows) for name, rows in todo}
-                for future in as_completed(futures):
-                    future.result()
-                    bar.update(futures[future])
+            try:
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    futures = {pool.submit(build_shard, cfg, rows, parts / name): len(rows) for name, rows in todo}
+                    for future in as_completed(futures):
+                        future.result()
+                        bar.update(futures[future])
+            except BrokenProcessPool as error:
+                raise RuntimeError(
+                    "a dataset worker process died (finished shards are kept; rerun to continue). Out of memory? "
+                    "Set data_workers=1. Called from a script? Workers re-import it, so put the call under "
+                    "`if __name__ == \"__main__\":`") from error
     return len(shards) - len(todo)
 
 
