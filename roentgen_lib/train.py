@@ -114,7 +114,7 @@ def cache_pairs(base: Base, images: list[Image.Image], prompts: list[str], size:
     else:
         means, stds = encode_images(base.vae, images, size, batch_size, progress)
         if cache is not None:
-            write_file_atomic(cache, lambda path: save_file({"mean": means.contiguous(), "std": stds.contiguous()}, str(path)))
+            write_file_atomic(cache, lambda path: save_file({"mean": means, "std": stds}, str(path)))
     ids = tokenize(base.tokenizer, [*prompts, ""])
     pairs = Pairs(means, stds, ids)
     if cache_text:
@@ -131,7 +131,9 @@ def encode_images(vae, images: list[Image.Image], size: int, batch_size: int, pr
         dist = vae.encode(images_to_tensor(images[i : i + batch_size], size).to(device)).latent_dist
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
-    return torch.cat(means), torch.cat(stds)
+    # The encoder hands back channels-last views; a contiguous copy makes freshly encoded and cached
+    # latents the same tensors (memory format changes the U-Net's float rounding, so the results).
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
 def latent_cache_file(vae, images: list[Image.Image], size: int, cache_dir: Path) -> Path:

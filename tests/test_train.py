@@ -152,6 +152,7 @@ def test_latents_are_encoded_once_per_vae_and_images(tiny_world, tmp_path, monke
     monkeypatch.setattr(train, "encode_images", lambda *a, **k: pytest.fail("encoded again despite the cache"))
     again = train.cache_pairs(base, images, prompts, 32, cache_text=False, progress=False, cache_dir=tmp_path)
     assert torch.equal(first.latent_mean, again.latent_mean) and torch.equal(first.latent_std, again.latent_std)
+    assert first.latent_mean.stride() == again.latent_mean.stride()  # same layout, so training gives the same bits
     assert len(list(tmp_path.glob("latents-*.safetensors"))) == 1
     monkeypatch.undo()
     train.cache_pairs(base, images[:-1], prompts[:-1], 32, cache_text=False, progress=False, cache_dir=tmp_path)
