@@ -41,7 +41,7 @@ from roentgen_lib.data.dataset import load as load_real
 from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render_prompts, render_size
 from roentgen_lib.files import write_file_atomic, write_json_atomic
-from roentgen_lib.models import Base
+from roentgen_lib.models import PICKLE_SUFFIXES, Base
 from roentgen_lib.provenance import git_state
 from roentgen_lib.sample import Model, SamplingError, SamplingSettings, available_models, generate, grey
 from roentgen_lib.synthetic import generate_dataset, split_prompts
@@ -249,6 +249,9 @@ def feature_extractors(net: FindingNet, xrv_weights: str | Path | None) -> dict[
     if xrv_weights is None or not Path(xrv_weights).is_file():
         extractors["XRV DenseNet"] = (f"no torchxrayvision DenseNet weights at {xrv_weights} (set xrv_weights to a "
                                       "local safetensors file)")
+    elif Path(xrv_weights).suffix in PICKLE_SUFFIXES:
+        extractors["XRV DenseNet"] = (f"{xrv_weights} is a pickled file, never loaded here (unpickling can run code); "
+                                      "convert it to safetensors where you trust it")
     else:
         extractors["XRV DenseNet"] = XrvFeatures(Path(xrv_weights))
     extractors["FindingNet (ours)"] = ClassifierFeatures(net)

@@ -84,6 +84,9 @@ def test_unavailable_feature_extractors_give_a_reason_not_a_number(tmp_path):
     assert np.isnan(table.loc["FID (Inception-v3)", "value"]) and "pickled" in table.loc["FID (Inception-v3)", "note"]
     assert np.isnan(table.loc["FID (XRV DenseNet)", "value"]) and "missing.safetensors" in table.loc["FID (XRV DenseNet)", "note"]
     assert np.isfinite(table.loc["FID (FindingNet (ours))", "value"])
+    (tmp_path / "densenet.pth").write_bytes(b"not opened")
+    pickled = evaluate.feature_extractors(evaluate.FindingNet().eval(), tmp_path / "densenet.pth")["XRV DenseNet"]
+    assert isinstance(pickled, str) and "pickled file, never loaded" in pickled
 
 
 def test_xrv_features_read_a_local_safetensors_densenet(tmp_path):
