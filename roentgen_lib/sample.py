@@ -85,10 +85,15 @@ class Model:
 
 
 def available_models(cfg: Config) -> dict[str, Path]:
-    """"base" and every finished fine-tuning run under the models folder, by run name."""
+    """"base" and every finished fine-tuning run under the models folder, by run name.
+
+    Hidden folders and runs set aside as `<run>.stale-N` (trained from another base or dataset) are
+    not models of this world and are left out.
+    """
     found = {"base": Path(cfg.base_model_path)}
     if cfg.models_path.is_dir():
-        for run in sorted(p for p in cfg.models_path.iterdir() if p.is_dir()):
+        runs = (p for p in cfg.models_path.iterdir() if p.is_dir() and not p.name.startswith(".") and ".stale-" not in p.name)
+        for run in sorted(runs):
             output = next((run / name for name in RUN_OUTPUTS if (run / name).is_dir()), None)
             if output is not None:
                 found[run.name] = output

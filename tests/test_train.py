@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from roentgen_lib import checkpoints, config, models, pretrain, train
+from roentgen_lib import checkpoints, config, models, pretrain, sample, train
 
 
 def test_batch_indices_cover_an_epoch_and_split_across_processes():
@@ -101,6 +101,7 @@ def test_a_run_from_another_base_is_set_aside_not_resumed(tiny_world, tmp_path):
     with pytest.warns(UserWarning, match="different base model or dataset"):
         again = run(tiny_world, run_name="rebased", base_model=str(tmp_path / "other_base"))
     assert (first.run_dir.parent / "rebased.stale-1" / "checkpoint-12").is_dir()
+    assert "rebased.stale-1" not in sample.available_models(tiny_world)  # set aside, not a model to sample or score
     fresh = run(tiny_world, run_name="rebased_fresh", base_model=str(tmp_path / "other_base"), resume=False)
     ours, reference = weights(again.output_dir), weights(fresh.output_dir)
     assert ours.keys() == reference.keys()
