@@ -51,9 +51,8 @@ def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def save_state(folder: Path, name: str, state: Any) -> None:
-    """One state tree as <name>.json (structure) + <name>.safetensors (tensors)."""
-    skeleton, tensors = split_tensors(state, name)
+def save_state(folder: Path, name: str, skeleton: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """One state tree, split by `split_tensors`, as <name>.json (structure) + <name>.safetensors (tensors)."""
     save_file(tensors, str(folder / f"{name}.safetensors"))
     (folder / f"{name}.json").write_text(json.dumps(skeleton))
 
@@ -81,12 +80,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def write_checkpoint(run_dir: Path, step: int, states: dict[str, Any], keep: int) -> Path:
     """Write states atomically as checkpoint-<step>; keep the newest `keep` checkpoints."""
     target = run_dir / f"checkpoint-{step}"
-    tensors = split_tensors(states)[1].values()
-    check_free_space(run_dir, sum(t.numel() * t.element_size() for t in tensors), f"checkpoint-{step}")
+    split = {name: split_tensors(state, name) for name, state in states.items()}  # once: it copies GPU tensors to host
+    needed = sum(t.numel() * t.element_size() for _, tensors in split.values() for t in tensors.values())
+    check_free_space(run_dir, needed, f"checkpoint-{step}")
     work = temporary_sibling(target)
     try:
-        for name, state in states.items():
-            save_state(work, name, state)
+        for name, (skeleton, tensors) in split.items():
+            save_state(work, name, skeleton, tensors)
         write_json_atomic(work / "checkpoint.json", {"step": step, "states": sorted(states)})
         if target.exists():
             shutil.rmtree(target)

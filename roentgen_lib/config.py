@@ -35,9 +35,8 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 Scheduler = Literal["dpmsolver++", "ddim", "euler", "euler_ancestral", "pndm"]
 # Fields read only by sampling: changing them never changes what training produces.
 SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scale", "negative_prompt", "lora_scale",
-                   "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts", "synthetic_split_prompts",
-                   "guidance_sweep",
-                   "steps_sweep", "edit_strength")
+                   "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts",
+                   "synthetic_split_prompts", "guidance_sweep", "steps_sweep", "edit_strength")
 # Fields read only by evaluation (05): changing them never changes what training produces.
 EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "classifier_epochs", "downstream_seeds",
                      "downstream_images_per_prompt", "eval_references", "evaluation_dir")

@@ -41,10 +41,6 @@ ARCHITECTURES = {
 }
 PROJECTION_FILE = "text_projection.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-class WeightsError(ValueError):
-    """Weights that cannot or must not be loaded; the message names the file or folder and why."""
 # Stable Diffusion's noise schedule with 2.x's v-prediction target. On 16x16 latents the noisy
 # latent alone predicts epsilon almost as well as with the prompt (true vs shuffled prompts: 0.3%
 # loss gap after 600 fine-tuning steps), so an epsilon model never learns to read its prompt; the v
@@ -53,6 +49,10 @@ class WeightsError(ValueError):
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                 "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
                 "clip_sample": False, "steps_offset": 1}
+
+
+class WeightsError(ValueError):
+    """Weights that cannot or must not be loaded; the message names the file or folder and why."""
 
 
 @dataclass
