@@ -44,7 +44,7 @@ def general_scenes(count: int, size: int, seed: int) -> tuple[list, list[str]]:
 def pretraining_config(cfg: config.Config) -> config.Config:
     """The fine-tuning config turned into from-scratch training of U-Net and text encoder."""
     return dataclasses.replace(cfg, train_unet=True, train_text_encoder=True, method="full",
-                               max_steps=cfg.base_steps, learning_rate=1e-3, lr_scheduler="cosine",
+                               max_steps=cfg.base_steps, batch_size=cfg.base_batch_size, learning_rate=1e-3, lr_scheduler="cosine",
                                validation_every=cfg.base_steps, checkpoint_every=cfg.base_steps,
                                validation_prompts=GENERAL_VALIDATION_PROMPTS, resume=False, text_encoder=None)
 
@@ -72,7 +72,7 @@ def recipe(cfg: config.Config) -> dict:
     silently stands in for the one this code would build.
     """
     digest = hashlib.sha256("\n".join(recipe_code()).encode())
-    settings = ("profile", "image_size", "seed", "base_images", "base_vae_steps", "base_steps", "batch_size")
+    settings = ("profile", "image_size", "seed", "base_images", "base_vae_steps", "base_steps", "base_batch_size")
     return {"code": digest.hexdigest(), **{k: getattr(cfg, k) for k in settings}}
 
 
@@ -99,7 +99,7 @@ def build_base(cfg: config.Config, force: bool = False) -> Path:
     work = temporary_sibling(target)
     try:
         base = build_components(cfg.profile, cfg.image_size, cfg.seed)
-        vae_losses = pretrain_vae(base.vae, cfg.image_size, cfg.base_vae_steps, cfg.batch_size, cfg.seed, cfg.progress)
+        vae_losses = pretrain_vae(base.vae, cfg.image_size, cfg.base_vae_steps, cfg.base_batch_size, cfg.seed, cfg.progress)
         with library_progress_bars(cfg.progress):
             base.pipeline().save_pretrained(work / "initial", safe_serialization=True)
         images, captions = general_scenes(cfg.base_images + 64, cfg.image_size, cfg.seed)
