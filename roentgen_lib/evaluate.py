@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import DDPMScheduler
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
@@ -41,7 +42,7 @@ from roentgen_lib.data.dataset import load as load_real
 from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render_prompts, render_size
 from roentgen_lib.files import write_file_atomic, write_json_atomic
-from roentgen_lib.models import PICKLE_SUFFIXES, Base
+from roentgen_lib.models import PICKLE_SUFFIXES, Base, reconstruct
 from roentgen_lib.provenance import git_state
 from roentgen_lib.sample import Model, SamplingError, SamplingSettings, available_models, generate, grey
 from roentgen_lib.synthetic import generate_dataset, split_prompts
@@ -592,15 +593,26 @@ def score_model(cfg: Config, name: str, data: datasets.Dataset, judge: FindingNe
     return pd.concat(tables, ignore_index=True)
 
 
-def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extractors: dict[str, nn.Module | str]) -> pd.DataFrame:
-    """The same metrics on real images: the judge's AUROC on the test set, real diversity, a real-vs-real FID."""
+def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extractors: dict[str, nn.Module | str],
+                        vae=None) -> pd.DataFrame:
+    """The same metrics on real images: the judge's AUROC on the test set, real diversity, a real-vs-real FID.
+
+    With the base's `vae`, the judge also scores the test set encoded and decoded by it: the ceiling
+    of any fine-tune that keeps this VAE frozen (a finding the VAE erases cannot be generated).
+    """
     data = load_real(cfg)
     test = images_array(data["test"], cfg.image_size)
     validation = images_array(data["validation"], cfg.image_size)
     judged = predict(judge, real.test)
+    ceiling = []
+    if vae is not None:
+        through_vae = predict(judge, reconstruct(vae, [Image.fromarray(image) for image in real.test], cfg.image_size))
+        ceiling = [alignment_table(through_vae, real.test_truth, model="real through the VAE", prompts="test"),
+                   controllability_table(through_vae, real.test_truth, model="real through the VAE", prompts="test")]
     return pd.concat([
         alignment_table(judged, real.test_truth, model="real (judge on test set)", prompts="test"),
         controllability_table(judged, real.test_truth, model="real (judge on test set)", prompts="test"),
+        *ceiling,
         fid_table(extractors, test, validation, model="real (test vs validation)", prompts="test"),
         diversity_table(test, label_groups(truth_table(data["test"])), model="real (same labels)", prompts="test"),
     ], ignore_index=True)

@@ -1,6 +1,7 @@
 """Evaluation: ground truth from phantoms / prompts, the finding classifier, alignment and controllability."""
 
 import json
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -165,3 +166,33 @@ def test_audit_of_a_saved_dataset_flags_training_images_saved_into_it(tiny_world
     train.select(range(3)).select_columns(["image"]).save_to_disk(str(tmp_path / "leaky"))
     audit = evaluate.audit_synthetic_dataset(tiny_world, tmp_path / "leaky")
     assert len(audit) == 3 and audit["pixel flagged"].all() and (audit["pixel distance"] == 0).all()
+
+
+class StandInVAE:
+    """An autoencoder stand-in: passes images through unchanged, or erases them to mid-grey."""
+
+    def __init__(self, erase: bool) -> None:
+        self.erase = erase
+
+    def encode(self, images):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=images))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=torch.zeros_like(latents) if self.erase else latents)
+
+
+def test_vae_ceiling_matches_the_judge_when_lossless_and_is_chance_when_it_erases(tiny_world):
+    """'real through the VAE' scores what survives the autoencoder: everything, or nothing."""
+    real = evaluate.real_images(tiny_world)
+    judge = evaluate.train_judge(tiny_world, real)
+    extractors = evaluate.feature_extractors(judge, None)
+
+    def ceiling(erase: bool) -> pd.Series:
+        rows = evaluate.real_reference_rows(tiny_world, real, judge, extractors, vae=StandInVAE(erase))
+        auroc = rows[rows.metric == "AUROC"].pivot_table(index="finding", columns="model", values="value")
+        return auroc["real through the VAE"], auroc["real (judge on test set)"]
+
+    through, direct = ceiling(erase=False)
+    assert np.allclose(through, direct)
+    erased, _ = ceiling(erase=True)
+    assert (erased.dropna() == 0.5).all() and len(erased.dropna()) > 0
