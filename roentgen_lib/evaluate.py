@@ -432,13 +432,26 @@ def probe_table(train_embeddings: np.ndarray, train_truth: pd.DataFrame, test_em
 
 # ---------------------------------------------------------------- downstream augmentation
 
+def presence_only(truth: pd.DataFrame) -> pd.DataFrame:
+    """The truth with side and size unknown, so a classifier learns finding presence alone.
+
+    The downstream classifier answers the paper's question (is the finding there?). Trained with
+    the judge's side and size heads on the IU-Xray part of the demo world (33 of its 49 effusions
+    bilateral), its effusion AUROC came out inverted (0.07; presence only: 0.98, seed 0).
+    """
+    blank = truth.copy()
+    for finding in LATERAL:
+        blank[f"{finding} side"], blank[f"{finding} size"] = None, None
+    return blank
+
+
 def downstream_table(train_sets: dict[str, tuple[np.ndarray, pd.DataFrame]], test_images: np.ndarray,
                      test_truth: pd.DataFrame, seeds: list[int], epochs: int = 12, progress: bool = False) -> pd.DataFrame:
-    """Train the classifier on each named training set with each seed; AUROC per finding on the real test set."""
+    """Train a presence classifier on each named training set with each seed; AUROC per finding on the real test set."""
     tables = []
     for name, (images, truth) in tqdm(list(train_sets.items()), desc="downstream", disable=not progress):
         for seed in seeds:
-            net = train_classifier(images, truth, seed=seed, epochs=epochs)
+            net = train_classifier(images, presence_only(truth), seed=seed, epochs=epochs)
             table = alignment_table(predict(net, test_images), test_truth, training=name, seed=str(seed))
             table["train images"] = len(images)
             tables.append(table)
@@ -698,7 +711,7 @@ def learning_curve(cfg: Config, real: RealImages, finding: str = "Pneumothorax",
     for fraction in fractions:
         count = max(1, round(fraction * total)) if total else 0
         keep = positives_subset(real.report_train_truth, finding, count, cfg.seed)
-        net = train_classifier(real.report_train[keep], real.report_train_truth.iloc[keep].reset_index(drop=True),
+        net = train_classifier(real.report_train[keep], presence_only(real.report_train_truth.iloc[keep].reset_index(drop=True)),
                                seed=cfg.seed, epochs=cfg.classifier_epochs)
         table = alignment_table(predict(net, real.test), real.test_truth)
         rows.append({"finding": finding, "real positives": count,

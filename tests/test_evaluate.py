@@ -196,3 +196,11 @@ def test_vae_ceiling_matches_the_judge_when_lossless_and_is_chance_when_it_erase
     assert np.allclose(through, direct)
     erased, _ = ceiling(erase=True)
     assert (erased.dropna() == 0.5).all() and len(erased.dropna()) > 0
+
+
+def test_presence_only_truth_hides_side_and_size_but_keeps_presence():
+    truth = evaluate.truth_of_labels([{"Pleural Effusion": {"status": "positive", "laterality": "left", "severity": "large"}}, {}])
+    blank = evaluate.presence_only(truth)
+    target, original = evaluate.targets(blank), evaluate.targets(truth)
+    assert (original["side"] >= 0).any() and (target["side"] == -1).all() and (target["size"] == -1).all()
+    assert torch.equal(target["presence"], original["presence"])
