@@ -616,16 +616,13 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
     data = load_real(cfg)
     test = images_array(data["test"], cfg.image_size)
     validation = images_array(data["validation"], cfg.image_size)
-    judged = predict(judge, real.test)
-    ceiling = []
+    judged = {"real (judge on test set)": predict(judge, real.test)}
     if vae is not None:
-        through_vae = predict(judge, reconstruct(vae, [Image.fromarray(image) for image in real.test], cfg.image_size))
-        ceiling = [alignment_table(through_vae, real.test_truth, model="real through the VAE", prompts="test"),
-                   controllability_table(through_vae, real.test_truth, model="real through the VAE", prompts="test")]
+        reconstructed = reconstruct(vae, [Image.fromarray(image) for image in real.test], cfg.image_size)
+        judged["real through the VAE"] = predict(judge, reconstructed)
     return pd.concat([
-        alignment_table(judged, real.test_truth, model="real (judge on test set)", prompts="test"),
-        controllability_table(judged, real.test_truth, model="real (judge on test set)", prompts="test"),
-        *ceiling,
+        *(table(prediction, real.test_truth, model=name, prompts="test")
+          for name, prediction in judged.items() for table in (alignment_table, controllability_table)),
         fid_table(extractors, test, validation, model="real (test vs validation)", prompts="test"),
         diversity_table(test, label_groups(truth_table(data["test"])), model="real (same labels)", prompts="test"),
     ], ignore_index=True)
