@@ -230,19 +230,25 @@ def images_to_tensor(images: list, size: int) -> torch.Tensor:
 
 
 def pretrain_vae(vae: AutoencoderKL, size: int, steps: int, batch_size: int, seed: int,
-                 progress: bool = True, learning_rate: float = 1e-3) -> list[float]:
+                 progress: bool = True, learning_rate: float = 1e-3, crop: int | None = None) -> list[float]:
     """Train the autoencoder on general-domain scenes (no X-rays): L1 + small KL. Returns losses.
 
-    Afterwards the latent scaling factor is set so scaled latents have unit variance, as
-    Stable Diffusion's 0.18215 does for its VAE.
+    With `crop`, each step sees a random `crop` x `crop` patch of every scene: the autoencoder is
+    convolutional but for one self-attention on its latents, so it learns the same local detail at a
+    fraction of the cost per image (Stable Diffusion's was trained on 256 px crops too) and takes many
+    more updates in the same time.
+    Afterwards the latent scaling factor is set on whole scenes so scaled latents have unit variance,
+    as Stable Diffusion's 0.18215 does for its VAE.
     """
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0, fused=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=learning_rate / 10)
     rng = np.random.default_rng([seed, 1])
     losses = []
     vae.train()
     for _ in tqdm(range(steps), desc="pretrain autoencoder", disable=not progress):
         batch = images_to_tensor([render_scene(rng, size)[0] for _ in range(batch_size)], size)
+        if crop is not None and crop < size:
+            batch = random_crops(batch, crop, rng)
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = (reconstruction - batch).abs().mean() + 1e-6 * posterior.kl().mean()
@@ -257,6 +263,12 @@ def pretrain_vae(vae: AutoencoderKL, size: int, steps: int, batch_size: int, see
         std = vae.encode(batch).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return losses
+
+
+def random_crops(batch: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    """One random `crop` x `crop` patch of each image in a (N, C, H, W) batch."""
+    corners = rng.integers(0, np.array(batch.shape[-2:]) - crop + 1, size=(len(batch), 2))
+    return torch.stack([image[:, y : y + crop, x : x + crop] for image, (y, x) in zip(batch, corners)])
 
 
 def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: float = 1.0) -> StableDiffusionPipeline:

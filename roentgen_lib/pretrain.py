@@ -57,8 +57,9 @@ def recipe_code() -> list[str]:
     from roentgen_lib import models, train
     from roentgen_lib.data import general
 
-    functions = (models.build_components, models.pretrain_vae, models.images_to_tensor, models.save_base,
-                 train.cache_pairs, train.encode_images, train.tokenize, train.encode_text, train.trained_models, train.batch_indices,
+    functions = (models.build_components, models.pretrain_vae, models.random_crops, models.images_to_tensor,
+                 models.save_base, train.cache_pairs, train.encode_images, train.tokenize, train.encode_text,
+                 train.trained_models, train.batch_indices,
                  train.diffusion_loss, train.make_optimizer, train.step_generator, train.run_training,
                  general_scenes, pretraining_config, build_base)
     constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, train.CAPTION_DROPOUT))
@@ -72,7 +73,8 @@ def recipe(cfg: config.Config) -> dict:
     silently stands in for the one this code would build.
     """
     digest = hashlib.sha256("\n".join(recipe_code()).encode())
-    settings = ("profile", "image_size", "seed", "base_images", "base_vae_steps", "base_steps", "base_batch_size")
+    settings = ("profile", "image_size", "seed", "base_images", "base_vae_steps", "base_vae_batch_size", "base_vae_crop",
+                "base_steps", "base_batch_size")
     return {"code": digest.hexdigest(), **{k: getattr(cfg, k) for k in settings}}
 
 
@@ -99,7 +101,8 @@ def build_base(cfg: config.Config, force: bool = False) -> Path:
     work = temporary_sibling(target)
     try:
         base = build_components(cfg.profile, cfg.image_size, cfg.seed)
-        vae_losses = pretrain_vae(base.vae, cfg.image_size, cfg.base_vae_steps, cfg.base_batch_size, cfg.seed, cfg.progress)
+        vae_losses = pretrain_vae(base.vae, cfg.image_size, cfg.base_vae_steps, cfg.base_vae_batch_size, cfg.seed,
+                                  cfg.progress, crop=cfg.base_vae_crop)
         with library_progress_bars(cfg.progress):
             base.pipeline().save_pretrained(work / "initial", safe_serialization=True)
         images, captions = general_scenes(cfg.base_images + 64, cfg.image_size, cfg.seed)

@@ -34,6 +34,10 @@ def test_none_keeps_profile_value_and_overrides_apply():
         ({"base_model": "./no-base"}, "parameter 'base_model': folder './no-base' does not exist"),
         ({"synthetic_split_prompts": 0}, "'synthetic_split_prompts' must be >= 1 or None"),
         ({"data_workers": -1}, "'data_workers' must be >= 0"),
+        ({"base_vae_crop": 40}, "'base_vae_crop' must be None or a multiple of 8 between 8 and image_size (32)"),
+        ({"base_vae_crop": 12}, "'base_vae_crop' must be None or a multiple of 8 between 8 and image_size (32)"),
+        ({"base_vae_crop": 0}, "'base_vae_crop' must be None or a multiple of 8"),
+        ({"base_vae_batch_size": 0}, "'base_vae_batch_size' must be >= 1"),
     ],
 )
 def test_bad_parameters_are_named(kwargs, fragment):

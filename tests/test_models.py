@@ -75,6 +75,27 @@ def test_pretrained_vae_gets_a_unit_variance_scaling_factor():
     assert len(losses) == 3 and base.vae.config.scaling_factor != 0.18215
 
 
+def test_random_crops_are_windows_of_each_image_at_every_corner():
+    batch = torch.arange(64 * 3 * 8 * 8, dtype=torch.float32).reshape(64, 3, 8, 8)
+    crops = models.random_crops(batch, 4, np.random.default_rng(0))
+    assert crops.shape == (64, 3, 4, 4)
+    corners = set()
+    for k, (image, patch) in enumerate(zip(batch, crops)):
+        y, x = divmod(int(patch[0, 0, 0].item()) - k * 3 * 64, 8)  # the patch's top-left pixel in its own image
+        assert torch.equal(patch, image[:, y : y + 4, x : x + 4])
+        corners.add((y, x))
+    assert {y for y, _ in corners} == {x for _, x in corners} == set(range(5))  # every offset 0..8-4 is drawn
+
+
+def test_autoencoder_pretraining_on_crops_sees_patches_and_scales_on_whole_scenes():
+    base = models.build_components("tiny", 32, seed=0)
+    seen = []
+    base.vae.encoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    losses = models.pretrain_vae(base.vae, 32, steps=2, batch_size=4, seed=0, progress=False, crop=16)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert seen == [(4, 3, 16, 16), (4, 3, 16, 16), (16, 3, 32, 32)]  # two training steps, then the scaling
+
+
 def test_pickled_weights_are_refused_with_the_reason(tiny_base_dir, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_base_dir, folder)
