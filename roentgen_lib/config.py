@@ -425,9 +425,10 @@ PROFILES: dict[str, Config] = {
     # The autoencoder stays on whole scenes, 300 steps of 32. Trained on 32 px patches instead (-p
     # base_vae_steps=2400 -p base_vae_batch_size=16 -p base_vae_crop=32, about +60 s of build), it
     # keeps far more detail: the judge reads real test images through it with pneumothorax AUROC 0.82
-    # (0.73 now), side 0.83 (0.75), size 0.84 (0.73), but the U-Net + text encoder fine-tune of that
-    # base drew the requested side less often: effusion / pneumothorax 0.75 / 0.62 (05; another fine-tune
-    # seed, on 96 images: 0.83 / 0.60). The ceiling rose, the side fell: so the default keeps the old.
+    # (0.74 now), side 0.83 (0.75), size 0.84 (0.75). The sampled side is unstable from run to run
+    # (U-Net + text encoder, effusion / pneumothorax: 0.96 / 0.88, then 0.50 / 0.62 after a change of
+    # optimizer rounding only; 0.75 / 0.62 on the patch-trained base), so one run per base cannot
+    # rank the two; compare over several fine-tune seeds before changing this default.
     "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, batch_size=16, max_steps=1600,
                    checkpoint_every=400, validation_every=400, eval_prompts=24, synthetic_split_prompts=128,
                    classifier_epochs=8),
