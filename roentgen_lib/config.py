@@ -427,8 +427,9 @@ PROFILES: dict[str, Config] = {
     # keeps far more detail: the judge reads real test images through it with pneumothorax AUROC 0.82
     # (0.74 now), side 0.83 (0.75), size 0.84 (0.75). The sampled side is unstable from run to run
     # (U-Net + text encoder, effusion / pneumothorax: 0.96 / 0.88, then 0.50 / 0.62 after a change of
-    # optimizer rounding only; 0.75 / 0.62 on the patch-trained base), so one run per base cannot
-    # rank the two; compare over several fine-tune seeds before changing this default.
+    # optimizer rounding only; 0.75 / 0.62 on the patch-trained base). Two fine-tune seeds per base
+    # (96 images each) favour patches on the side too (0.75-0.83 / 0.60-0.77 vs 0.50-0.52 / 0.50):
+    # the next default, once a full demo run with figures confirms it.
     "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, batch_size=16, max_steps=1600,
                    checkpoint_every=400, validation_every=400, eval_prompts=24, synthetic_split_prompts=128,
                    classifier_epochs=8),
