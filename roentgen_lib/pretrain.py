@@ -57,12 +57,12 @@ def recipe_code() -> list[str]:
     from roentgen_lib import models, train
     from roentgen_lib.data import general
 
-    functions = (models.build_components, models.pretrain_vae, models.random_crops, models.images_to_tensor,
+    functions = (models.build_components, models.pretrain_vae, models.fused_adamw_available, models.random_crops, models.images_to_tensor,
                  models.save_base, train.cache_pairs, train.encode_images, train.tokenize, train.encode_text,
                  train.trained_models, train.batch_indices,
                  train.diffusion_loss, train.make_optimizer, train.step_generator, train.run_training,
                  general_scenes, pretraining_config, build_base)
-    constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, train.CAPTION_DROPOUT))
+    constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, models.SCALING_SCENES, train.CAPTION_DROPOUT))
     return [inspect.getsource(general), constants, *(inspect.getsource(f) for f in functions)]
 
 

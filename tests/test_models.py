@@ -73,6 +73,15 @@ def test_pretrained_vae_gets_a_unit_variance_scaling_factor():
     base = models.build_components("tiny", 32, seed=0)
     losses = models.pretrain_vae(base.vae, 32, steps=3, batch_size=4, seed=0, progress=False)
     assert len(losses) == 3 and base.vae.config.scaling_factor != 0.18215
+    scenes = models.images_to_tensor([render_scene(np.random.default_rng(7), 32)[0] for _ in range(128)], 32)
+    with torch.no_grad():
+        scaled = base.vae.encode(scenes).latent_dist.mean * base.vae.config.scaling_factor
+    assert 0.8 < scaled.std().item() < 1.25  # other scenes than those measured: unit variance generalises
+
+
+def test_fused_adamw_only_where_torch_has_the_kernel():
+    assert models.fused_adamw_available([torch.nn.Parameter(torch.zeros(2))])
+    assert not models.fused_adamw_available([torch.nn.Parameter(torch.zeros(2, device="meta"))])
 
 
 def test_random_crops_are_windows_of_each_image_at_every_corner():
@@ -93,7 +102,7 @@ def test_autoencoder_pretraining_on_crops_sees_patches_and_scales_on_whole_scene
     base.vae.encoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     losses = models.pretrain_vae(base.vae, 32, steps=2, batch_size=4, seed=0, progress=False, crop=16)
     assert len(losses) == 2 and all(np.isfinite(losses))
-    assert seen == [(4, 3, 16, 16), (4, 3, 16, 16), (16, 3, 32, 32)]  # two training steps, then the scaling
+    assert seen == [(4, 3, 16, 16), (4, 3, 16, 16), (models.SCALING_SCENES, 3, 32, 32)]  # two steps, then the scaling
 
 
 def test_pickled_weights_are_refused_with_the_reason(tiny_base_dir, tmp_path):
