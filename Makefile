@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= demo
 
-.PHONY: setup reproduce test lab tiny-runs base bench bench-train bench-sample clean
+.PHONY: setup reproduce test lab tiny-runs base bench bench-train bench-sample probe-position clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ bench-train: setup
 # Our batched sampler against a plain StableDiffusionPipeline call loop (same model, prompts, steps).
 bench-sample: setup
 	$(PY) tests/bench/bench_sample.py
+
+# Can a prompt's position word steer where the demo model draws? (README, Evaluation; ~5 min)
+probe-position: setup
+	$(PY) tests/bench/probe_position_binding.py
 
 clean:
 	rm -rf data papermill_runs/demo papermill_runs/paper
