@@ -45,7 +45,7 @@ bench-train: setup
 bench-sample: setup
 	$(PY) tests/bench/bench_sample.py
 
-# Can a prompt's position word steer where the demo model draws? (README, Evaluation; ~5 min)
+# Can a prompt's position word steer where the demo model draws? (README, Evaluation; ~2 min)
 probe-position: setup
 	$(PY) tests/bench/probe_position_binding.py
 

@@ -8,7 +8,7 @@ scenes of one red circle, captioned "... on the left" or "... on the right", the
 with the same seeds and reports how often the circle lands on the named side. A control trains the
 same captions on a colour task (left -> red, right -> blue, circle on a random side): if colour
 follows the words and position does not, the words reach the U-Net and it is the placement that
-cannot be steered by text.
+cannot be steered by text. Builds the demo base first when it is missing (about 10 minutes).
 """
 
 import argparse
