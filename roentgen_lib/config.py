@@ -97,6 +97,9 @@ class Config:
     ema_decay: float = 0.999  # EMA of trained weights; 0 turns it off
     snr_gamma: float = 0.0  # Min-SNR loss weighting gamma; 0 turns it off (5 is common)
     noise_offset: float = 0.0  # offset noise strength; 0 turns it off
+    zero_terminal_snr: bool = False  # rescale the noise schedule to zero SNR at its end, sampled with trailing steps
+    timestep_bias: float = 1.0  # timesteps >= timestep_bias_start are drawn this many times as often; 1: uniform
+    timestep_bias_start: int = 800  # first timestep that timestep_bias favours (of 1000)
     max_grad_norm: float = 1.0  # gradient clipping
     use_8bit_adam: bool = False  # bitsandbytes 8-bit AdamW (GPU, when installed)
     checkpoint_every: int = 200  # steps between resumable checkpoints
@@ -311,15 +314,18 @@ def check_values(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "max_grad_norm"):
+    for name in ("learning_rate", "max_grad_norm", "timestep_bias"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
-    for name in ("snr_gamma", "noise_offset", "lr_warmup_steps", "lora_scale", "composed_reports", "data_workers"):
+    for name in ("snr_gamma", "noise_offset", "timestep_bias_start", "lr_warmup_steps", "lora_scale", "composed_reports", "data_workers"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
     if cfg.composed_reports and cfg.data_source != "phantom":
         raise ConfigError("parameter 'composed_reports' adds phantom images; it cannot be used with data_source="
                           f"{cfg.data_source!r} (set composed_reports=0)")
+    if cfg.zero_terminal_snr and cfg.method == "lora":
+        raise ConfigError("parameter 'zero_terminal_snr' needs method='full': a LoRA adapter is sampled with "
+                          "its base's noise schedule")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"parameter 'ema_decay' must be in [0, 1), got {cfg.ema_decay}")
     unknown = set(cfg.variant_names) - set(VARIANTS)

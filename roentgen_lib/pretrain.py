@@ -46,7 +46,8 @@ def pretraining_config(cfg: config.Config) -> config.Config:
     return dataclasses.replace(cfg, train_unet=True, train_text_encoder=True, method="full",
                                max_steps=cfg.base_steps, batch_size=cfg.base_batch_size, learning_rate=1e-3, lr_scheduler="cosine",
                                validation_every=cfg.base_steps, checkpoint_every=cfg.base_steps,
-                               validation_prompts=GENERAL_VALIDATION_PROMPTS, resume=False, text_encoder=None)
+                               validation_prompts=GENERAL_VALIDATION_PROMPTS, resume=False, text_encoder=None,
+                               zero_terminal_snr=False, timestep_bias=1.0)
 
 
 def recipe_code() -> list[str]:
@@ -60,7 +61,7 @@ def recipe_code() -> list[str]:
     functions = (models.build_components, models.pretrain_vae, models.fused_adamw_available, models.random_crops, models.images_to_tensor,
                  models.save_base, train.cache_pairs, train.encode_images, train.tokenize, train.encode_text,
                  train.trained_models, train.batch_indices,
-                 train.diffusion_loss, train.make_optimizer, train.step_generator, train.run_training,
+                 train.diffusion_loss, train.draw_timesteps, train.make_optimizer, train.step_generator, train.run_training,
                  general_scenes, pretraining_config, build_base)
     constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, models.SCALING_SCENES, train.CAPTION_DROPOUT))
     return [inspect.getsource(general), constants, *(inspect.getsource(f) for f in functions)]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -194,7 +195,7 @@ def diffusion_loss(base: Base, unet, text_encoder, pairs: Pairs, idx: np.ndarray
     if cfg.noise_offset:
         noise += cfg.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator)
     scheduler = base.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    timesteps = draw_timesteps(n, scheduler.config.num_train_timesteps, cfg, generator)
     dropped = torch.rand(n, generator=generator) < dropout
     text_index = torch.where(dropped, torch.tensor(len(pairs.input_ids) - 1), index)  # last row is ""
     latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
@@ -212,6 +213,30 @@ def diffusion_loss(base: Base, unet, text_encoder, pairs: Pairs, idx: np.ndarray
         weights = torch.clamp(snr, max=cfg.snr_gamma) / (snr if epsilon else snr + 1)
         per_sample = per_sample * weights
     return per_sample.mean()
+
+
+def draw_timesteps(n: int, total: int, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+    """`n` training timesteps: uniform, or with those from `timestep_bias_start` on `timestep_bias` times as likely.
+
+    Favouring high noise teaches what only the prompt can decide there, such as the side of a finding.
+    """
+    if cfg.timestep_bias == 1.0:
+        return torch.randint(0, total, (n,), generator=generator)
+    weights = torch.ones(total)
+    weights[min(cfg.timestep_bias_start, total):] = cfg.timestep_bias
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
+def zero_terminal_snr_schedule(scheduler: DDPMScheduler) -> DDPMScheduler:
+    """The same schedule rescaled to zero SNR at its last step, sampled from there (trailing spacing).
+
+    Stable Diffusion's schedule leaves a trace of the image at its noisiest step, so a sampler
+    starting from pure noise reads a layout from the noise; with zero terminal SNR only the prompt
+    can decide it (Lin et al. 2024). Needs v-prediction: epsilon is undefined at zero SNR.
+    """
+    if scheduler.config.prediction_type != "v_prediction":
+        raise ValueError(f"zero_terminal_snr needs a v-prediction base; this one predicts {scheduler.config.prediction_type!r}")
+    return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
@@ -391,6 +416,8 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     run_dir = run_dir or cfg.run_path
     base = load_base(base_path or cfg.base_model_path, cfg.text_encoder)
     base_weights = weights_fingerprint(base.vae, base.unet, base.text_encoder)
+    if cfg.zero_terminal_snr:
+        base.noise_scheduler = zero_terminal_snr_schedule(base.noise_scheduler)
     models = trained_models(base, cfg)
     for model in (base.vae, base.unet, base.text_encoder):
         model.to(device)

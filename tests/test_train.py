@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from roentgen_lib import checkpoints, config, models, pretrain, sample, train
@@ -158,3 +159,22 @@ def test_latents_are_encoded_once_per_vae_and_images(tiny_world, tmp_path, monke
     monkeypatch.undo()
     train.cache_pairs(base, images[:-1], prompts[:-1], 32, cache_text=False, progress=False, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("latents-*.safetensors"))) == 2  # other images, another file
+
+
+def test_uniform_timesteps_are_drawn_as_before_and_a_bias_favours_high_noise(tiny_world):
+    uniform = train.draw_timesteps(64, 1000, tiny_world, torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+    biased_cfg = dataclasses.replace(tiny_world, timestep_bias=8.0, timestep_bias_start=800)
+    biased = train.draw_timesteps(20000, 1000, biased_cfg, torch.Generator().manual_seed(3))
+    assert 0 <= biased.min() and biased.max() < 1000
+    assert abs((biased >= 800).float().mean().item() - 8 * 0.2 / (0.8 + 8 * 0.2)) < 0.02  # 2/3 instead of 1/5
+
+
+def test_zero_terminal_snr_run_saves_the_schedule_its_sampler_starts_from(tiny_world):
+    result = run(tiny_world, zero_terminal_snr=True, run_name="zero_snr", max_steps=2, resume=False)
+    scheduler = models.load_pipeline(tiny_world.base_model_path, result.output_dir).scheduler
+    assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
+    assert train.zero_terminal_snr_schedule(models.load_base(tiny_world.base_model_path).noise_scheduler).alphas_cumprod[-1] < 1e-6
+    epsilon = DDPMScheduler.from_config(scheduler.config, prediction_type="epsilon")
+    with pytest.raises(ValueError, match="needs a v-prediction base"):
+        train.zero_terminal_snr_schedule(epsilon)

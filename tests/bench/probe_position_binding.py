@@ -9,6 +9,11 @@ with the same seeds and reports how often the circle lands on the named side. A 
 same captions on a colour task (left -> red, right -> blue, circle on a random side): if colour
 follows the words and position does not, the words reach the U-Net and it is the placement that
 cannot be steered by text. Builds the demo base first when it is missing (about 10 minutes).
+
+    .venv/bin/python tests/bench/probe_position_binding.py --steps 1500 --zero-terminal-snr --timestep-bias 8
+
+trains with a zero-terminal-SNR schedule and timesteps >= 800 drawn 8x as often, which lets the
+prompt decide the side (README, Evaluation).
 """
 
 import argparse
@@ -37,14 +42,15 @@ def scene(rng: np.random.Generator, side: str, task: str, size: int = 64) -> Ima
     return image
 
 
-def train_probe(task: str, steps: int, count: int, work: Path, seed: int) -> Path:
-    """Fine-tune the demo base on `count` scenes of `task`; return the run folder."""
+def train_probe(task: str, count: int, work: Path, **overrides) -> Path:
+    """Fine-tune the demo base on `count` scenes of `task` (config `overrides`); return the run folder."""
+    seed, steps = overrides["seed"], overrides["max_steps"]
     rng = np.random.default_rng(seed)
     sides = [str(s) for s in rng.choice(list(SIDES), count)]
     images = [scene(rng, side, task) for side in sides]
     prompts = [PROMPT.format(side=side) for side in sides]
-    cfg = config.resolve("demo", train_unet=True, train_text_encoder=True, max_steps=steps, progress=True,
-                         checkpoint_every=steps, validation_every=steps, models_dir=str(work), seed=seed)
+    cfg = config.resolve("demo", train_unet=True, train_text_encoder=True, progress=True, checkpoint_every=steps,
+                         validation_every=steps, models_dir=str(work), **overrides)
     held_out = max(1, count // 10)
     train.train_model(cfg, (images[held_out:], prompts[held_out:]), (images[:held_out], prompts[:held_out]),
                       base_path=cfg.base_model_path, run_dir=work / task)
@@ -77,17 +83,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1200, help="scenes per task")
     parser.add_argument("--seeds", type=int, default=16, help="drawings per prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zero-terminal-snr", action="store_true", help="train with a zero-terminal-SNR schedule")
+    parser.add_argument("--timestep-bias", type=float, default=1.0, help="weight of timesteps >= 800 (1: uniform)")
     args = parser.parse_args()
+    overrides = {"max_steps": args.steps, "seed": args.seed, "zero_terminal_snr": args.zero_terminal_snr,
+                 "timestep_bias": args.timestep_bias}
     torch.set_num_threads(2)
     pretrain.build_base(config.resolve("demo"))
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for task in ("position", "colour"):
-            run = train_probe(task, args.steps, args.images, Path(work), args.seed)
+            run = train_probe(task, args.images, Path(work), **overrides)
             for side, share in follows_prompt(run, task, args.seeds).items():
                 rows.append({"task": task, "prompt says": side, "follows the prompt": share})
     print(pd.DataFrame(rows).to_string(index=False))
-    print(f"({args.steps} steps of 16, {args.images} scenes, {args.seeds} drawings per prompt; 0.5 = chance)")
+    print(f"({args.steps} steps of 16, {args.images} scenes, {args.seeds} drawings per prompt, zero terminal SNR "
+          f"{args.zero_terminal_snr}, timestep bias {args.timestep_bias}; 0.5 = chance)")
 
 
 if __name__ == "__main__":
