@@ -317,7 +317,8 @@ def check_values(cfg: Config) -> None:
     for name in ("learning_rate", "max_grad_norm", "timestep_bias"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
-    for name in ("snr_gamma", "noise_offset", "timestep_bias_start", "lr_warmup_steps", "lora_scale", "composed_reports", "data_workers"):
+    for name in ("snr_gamma", "noise_offset", "timestep_bias_start", "lr_warmup_steps", "lora_scale",
+                 "composed_reports", "data_workers"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
     if cfg.composed_reports and cfg.data_source != "phantom":
