@@ -282,7 +282,8 @@ def random_crops(batch: torch.Tensor, crop: int, rng: np.random.Generator) -> to
 def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: float = 1.0) -> StableDiffusionPipeline:
     """A sampling pipeline: the base, a fine-tuned pipeline folder, or the base with a LoRA folder.
 
-    `finetuned` is what training wrote: `<run>/pipeline` (full) or `<run>/lora` (adapters).
+    `finetuned` is what training wrote: `<run>/pipeline` (full) or `<run>/lora` (adapters, with the
+    noise schedule they were trained on).
     """
     source = str(finetuned) if finetuned is not None and (finetuned / "model_index.json").is_file() else base_path
     pipe = load_base(source).pipeline()
@@ -297,6 +298,8 @@ def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: flo
         finally:
             diffusers_logging.set_verbosity(verbosity)
         pipe.set_adapters(["finetuned"], adapter_weights=[lora_scale])
+        if (finetuned / "scheduler").is_dir():  # adapters trained on another schedule (zero_terminal_snr)
+            pipe.scheduler = DDPMScheduler.from_pretrained(str(finetuned), subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,8 +102,9 @@ def available_models(cfg: Config) -> dict[str, Path]:
 
 
 def model_fingerprint(pipe: StableDiffusionPipeline, lora_scale: float) -> str:
-    """SHA-256 over every weight of U-Net, text encoder and VAE, plus the LoRA scale."""
-    return weights_fingerprint(pipe.unet, pipe.text_encoder, pipe.vae, extra=f"lora_scale={lora_scale}")
+    """SHA-256 over every weight of U-Net, text encoder and VAE, plus the noise schedule and LoRA scale."""
+    schedule = json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str)
+    return weights_fingerprint(pipe.unet, pipe.text_encoder, pipe.vae, extra=f"lora_scale={lora_scale};{schedule}")
 
 
 def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None) -> Model:

@@ -368,7 +368,10 @@ class RunLog:
 
 
 def save_outputs(base: Base, models: dict[str, torch.nn.Module], cfg: Config, run_dir: Path) -> Path:
-    """Final weights: a diffusers pipeline folder (full) or a LoRA adapter folder, written atomically."""
+    """Final weights: a diffusers pipeline folder (full) or a LoRA adapter folder, written atomically.
+
+    Both carry the noise schedule of the run (it differs from the base's with `zero_terminal_snr`).
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import _collate_lora_metadata
 
@@ -382,6 +385,7 @@ def save_outputs(base: Base, models: dict[str, torch.nn.Module], cfg: Config, ru
                       for name, m in models.items()}
             StableDiffusionPipeline.save_lora_weights(work, safe_serialization=True, **layers,
                                                       **_collate_lora_metadata(models))
+            base.noise_scheduler.save_pretrained(work / "scheduler")  # the schedule the adapters learnt
         replace_dir(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

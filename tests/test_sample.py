@@ -38,8 +38,12 @@ def test_a_seed_names_an_image(runs):
 
 def test_lora_scale_zero_is_the_base(runs):
     prompts, seeds = ["large left pleural effusion", "no acute cardiopulmonary process"], [0, 1]
-    base = sample.generate(sample.load_model(runs, "base"), prompts, seeds, SETTINGS)
-    off = sample.generate(sample.load_model(runs, "lora_unet", lora_scale=0.0), prompts, seeds, SETTINGS)
+    off_model = sample.load_model(runs, "lora_unet", lora_scale=0.0)
+    base_model = sample.load_model(runs, "base")
+    assert runs.zero_terminal_snr and off_model.pipe.scheduler.config.rescale_betas_zero_snr
+    base_model.pipe.scheduler = off_model.pipe.scheduler  # the adapters carry the schedule they were trained on
+    base = sample.generate(base_model, prompts, seeds, SETTINGS)
+    off = sample.generate(off_model, prompts, seeds, SETTINGS)
     on = sample.load_model(runs, "lora_unet")
     assert np.array_equal(base, off) and not np.array_equal(base, sample.generate(on, prompts, seeds, SETTINGS))
     assert on.fingerprint != sample.load_model(runs, "lora_unet", lora_scale=0.5).fingerprint

@@ -85,7 +85,8 @@ def test_text_encoder_only_leaves_the_unet_untouched(tiny_world):
 
 
 def test_lora_output_loads_and_scale_zero_is_the_base(tiny_world):
-    result = run(tiny_world, method="lora", run_name="lora_scale", resume=False)
+    # on the base's own schedule (zero_terminal_snr gives the adapters a schedule of their own)
+    result = run(tiny_world, method="lora", run_name="lora_scale", resume=False, zero_terminal_snr=False)
     prompts = ["large left pleural effusion"]
     base = models.sample_grid(models.load_pipeline(tiny_world.base_model_path), prompts, 0, steps=3)
     tuned = models.sample_grid(models.load_pipeline(tiny_world.base_model_path, result.output_dir), prompts, 0, steps=3)
@@ -162,7 +163,8 @@ def test_latents_are_encoded_once_per_vae_and_images(tiny_world, tmp_path, monke
 
 
 def test_uniform_timesteps_are_drawn_as_before_and_a_bias_favours_high_noise(tiny_world):
-    uniform = train.draw_timesteps(64, 1000, tiny_world, torch.Generator().manual_seed(3))
+    uniform_cfg = dataclasses.replace(tiny_world, timestep_bias=1.0)
+    uniform = train.draw_timesteps(64, 1000, uniform_cfg, torch.Generator().manual_seed(3))
     assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
     biased_cfg = dataclasses.replace(tiny_world, timestep_bias=8.0, timestep_bias_start=800)
     biased = train.draw_timesteps(20000, 1000, biased_cfg, torch.Generator().manual_seed(3))
@@ -170,10 +172,13 @@ def test_uniform_timesteps_are_drawn_as_before_and_a_bias_favours_high_noise(tin
     assert abs((biased >= 800).float().mean().item() - 8 * 0.2 / (0.8 + 8 * 0.2)) < 0.02  # 2/3 instead of 1/5
 
 
-def test_zero_terminal_snr_run_saves_the_schedule_its_sampler_starts_from(tiny_world):
-    result = run(tiny_world, zero_terminal_snr=True, run_name="zero_snr", max_steps=2, resume=False)
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_zero_terminal_snr_run_saves_the_schedule_its_sampler_starts_from(tiny_world, method):
+    result = run(tiny_world, zero_terminal_snr=True, method=method, run_name=f"zero_snr_{method}", max_steps=2,
+                 resume=False)
     scheduler = models.load_pipeline(tiny_world.base_model_path, result.output_dir).scheduler
     assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
+    assert not models.load_pipeline(tiny_world.base_model_path).scheduler.config.rescale_betas_zero_snr
     assert train.zero_terminal_snr_schedule(models.load_base(tiny_world.base_model_path).noise_scheduler).alphas_cumprod[-1] < 1e-6
     epsilon = DDPMScheduler.from_config(scheduler.config, prediction_type="epsilon")
     with pytest.raises(ValueError, match="needs a v-prediction base"):
