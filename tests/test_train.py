@@ -179,7 +179,11 @@ def test_zero_terminal_snr_run_saves_the_schedule_its_sampler_starts_from(tiny_w
     scheduler = models.load_pipeline(tiny_world.base_model_path, result.output_dir).scheduler
     assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
     assert not models.load_pipeline(tiny_world.base_model_path).scheduler.config.rescale_betas_zero_snr
-    assert train.zero_terminal_snr_schedule(models.load_base(tiny_world.base_model_path).noise_scheduler).alphas_cumprod[-1] < 1e-6
-    epsilon = DDPMScheduler.from_config(scheduler.config, prediction_type="epsilon")
+
+
+def test_zero_terminal_snr_schedule_ends_at_pure_noise_and_needs_v_prediction(tiny_world):
+    base_schedule = models.load_base(tiny_world.base_model_path).noise_scheduler
+    assert train.zero_terminal_snr_schedule(base_schedule).alphas_cumprod[-1] < 1e-6
+    epsilon = DDPMScheduler.from_config(base_schedule.config, prediction_type="epsilon")
     with pytest.raises(ValueError, match="needs a v-prediction base"):
         train.zero_terminal_snr_schedule(epsilon)
