@@ -14,11 +14,12 @@ SETTINGS = sample.SamplingSettings(steps=3, batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_world):
-    """A LoRA and a full fine-tune of the tiny base (12 steps each)."""
+def runs(tiny_world, tmp_path_factory):
+    """A LoRA and a full fine-tune of the tiny base (12 steps each), alone in their models folder."""
+    cfg = dataclasses.replace(tiny_world, models_dir=str(tmp_path_factory.mktemp("sample_models")))
     for method in ("lora", "full"):
-        train.finetune(dataclasses.replace(tiny_world, method=method, resume=False))
-    return tiny_world
+        train.finetune(dataclasses.replace(cfg, method=method, resume=False))
+    return cfg
 
 
 def test_available_models_lists_the_base_and_finished_runs(runs):
