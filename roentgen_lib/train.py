@@ -35,7 +35,6 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
@@ -381,7 +380,9 @@ def save_outputs(base: Base, models: dict[str, torch.nn.Module], cfg: Config, ru
         if cfg.method == "full":
             save_base(base, work)
         else:
-            layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m, save_embedding_layers=False))
+            # peft's own key format: diffusers' old format (convert_state_dict_to_diffusers) renames only
+            # attention adapters, and a file mixing both formats loads without them
+            layers = {f"{name}_lora_layers": get_peft_model_state_dict(m, save_embedding_layers=False)
                       for name, m in models.items()}
             StableDiffusionPipeline.save_lora_weights(work, safe_serialization=True, **layers,
                                                       **_collate_lora_metadata(models))

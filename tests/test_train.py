@@ -94,6 +94,23 @@ def test_lora_output_loads_and_scale_zero_is_the_base(tiny_world):
     assert not np.array_equal(base, tuned) and np.array_equal(base, off)
 
 
+def test_lora_on_convolutions_and_attention_loads_every_trained_adapter(tiny_world):
+    """Adapters beyond attention (the transformer projections kohya adapts, convolutions) survive saving and loading."""
+    targets = {"unet_lora_targets": "to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv1", "text_lora_targets": "q_proj,v_proj,fc1"}
+    result = run(tiny_world, method="lora", train_text_encoder=True, run_name="lora_conv", resume=False, **targets)
+    loaded = models.load_pipeline(tiny_world.base_model_path, result.output_dir)
+    expected = models.load_base(tiny_world.base_model_path)
+    train.add_lora(expected.unet, 4, 4, targets["unet_lora_targets"])
+    train.add_lora(expected.text_encoder, 4, 4, targets["text_lora_targets"])
+
+    def adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name.split(".lora_B")[0]: p for name, p in model.named_parameters() if ".lora_B" in name}
+
+    for ours, reference in ((loaded.unet, expected.unet), (loaded.text_encoder, expected.text_encoder)):
+        assert adapters(ours).keys() == adapters(reference).keys()
+        assert all(p.abs().sum() > 0 for p in adapters(ours).values())  # trained, not freshly initialised
+
+
 def test_a_run_from_another_base_is_set_aside_not_resumed(tiny_world, tmp_path):
     first = run(tiny_world, run_name="rebased", resume=False)
     other = models.load_base(tiny_world.base_model_path)
