@@ -628,6 +628,34 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
     ], ignore_index=True)
 
 
+def ceiling_examples(cfg: Config, real: RealImages, vae, model: Model, finding: str = "Pneumothorax",
+                     seeds: tuple[int, ...] = (0, 1)) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The autoencoder ceiling as pictures: per side and size of `finding`, a real test image, the same
+    image encoded and decoded by the frozen `vae`, and `model`'s images for that side and size.
+
+    Returns grid rows (label -> images) and column titles (the prompts). Of the matching test images
+    the one with the fewest other findings is shown, so the finding is what differs.
+    """
+    truth = real.test_truth
+    others = truth[[f for f in FINDINGS if f != finding]].sum(axis=1)
+    picks, prompts = [], []
+    for size in ("small", "large"):
+        for side in ("left", "right"):
+            match = truth.index[(truth[f"{finding} side"] == side) & (truth[f"{finding} size"] == size)]
+            if len(match):
+                picks.append(others[match].idxmin())
+                prompts.append(negated_prompt(finding, side, size))
+    if not picks:
+        raise ValueError(f"the test set holds no {finding} with a stated side and size to show")
+    shown = real.test[picks]
+    rows = {"real (test set)": shown,
+            "real through the frozen VAE": reconstruct(vae, [Image.fromarray(image) for image in shown], cfg.image_size)}
+    settings = SamplingSettings.from_config(cfg)
+    for seed in seeds:
+        rows[f"{model.name}, seed {seed}"] = generate(model, prompts, [seed] * len(prompts), settings)
+    return rows, prompts
+
+
 # ---------------------------------------------------------------- text-encoder probe and general-domain forgetting
 
 def probe_texts(cfg: Config) -> tuple[list[str], list[str]]:

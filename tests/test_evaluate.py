@@ -1,5 +1,6 @@
 """Evaluation: ground truth from phantoms / prompts, the finding classifier, alignment and controllability."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from roentgen_lib import evaluate
+from roentgen_lib import evaluate, sample
 from roentgen_lib.text import compose
 from roentgen_lib.text.labels import label_report
 
@@ -196,6 +197,23 @@ def test_vae_ceiling_matches_the_judge_when_lossless_and_is_chance_when_it_erase
     assert np.allclose(through, direct)
     erased, _ = ceiling(erase=True)
     assert (erased.dropna() == 0.5).all() and len(erased.dropna()) > 0
+
+
+def test_ceiling_examples_show_test_images_of_each_side_and_size_their_reconstruction_and_the_model(tiny_world):
+    real = evaluate.real_images(tiny_world)
+    model = sample.load_model(tiny_world, "base")
+    rows, prompts = evaluate.ceiling_examples(tiny_world, real, StandInVAE(erase=False), model, seeds=(0,))
+    assert prompts == [compose.negated_prompt("Pneumothorax", side, size) for size in ("small", "large") for side in ("left", "right")]
+    shown = rows["real (test set)"]
+    assert np.abs(rows["real through the frozen VAE"].astype(int) - shown).max() <= 1  # a lossless stand-in
+    assert rows["base, seed 0"].shape[0] == len(prompts)
+    truth = real.test_truth
+    for image, size, side in zip(shown, ("small", "small", "large", "large"), ("left", "right") * 2):
+        matching = np.flatnonzero((truth["Pneumothorax side"] == side) & (truth["Pneumothorax size"] == size))
+        assert any(np.array_equal(image, real.test[k]) for k in matching)
+    no_sides = dataclasses.replace(real, test_truth=truth.assign(**{"Pneumothorax side": None}))
+    with pytest.raises(ValueError, match="no Pneumothorax with a stated side and size"):
+        evaluate.ceiling_examples(tiny_world, no_sides, StandInVAE(erase=False), model)
 
 
 def test_presence_only_truth_hides_side_and_size_but_keeps_presence():
