@@ -97,11 +97,10 @@ def test_lora_output_loads_and_scale_zero_is_the_base(tiny_world):
 def test_lora_on_convolutions_and_attention_loads_every_trained_adapter(tiny_world):
     """Adapters beyond attention (the transformer projections kohya adapts, convolutions) survive saving and loading."""
     targets = {"unet_lora_targets": "to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv1", "text_lora_targets": "q_proj,v_proj,fc1"}
-    result = run(tiny_world, method="lora", train_text_encoder=True, run_name="lora_conv", resume=False, **targets)
-    loaded = models.load_pipeline(tiny_world.base_model_path, result.output_dir)
-    expected = models.load_base(tiny_world.base_model_path)
-    train.add_lora(expected.unet, 4, 4, targets["unet_lora_targets"])
-    train.add_lora(expected.text_encoder, 4, 4, targets["text_lora_targets"])
+    cfg = dataclasses.replace(tiny_world, method="lora", train_text_encoder=True, run_name="lora_conv", resume=False, **targets)
+    loaded = models.load_pipeline(cfg.base_model_path, train.finetune(cfg).output_dir)
+    expected = models.load_base(cfg.base_model_path)
+    train.trained_models(expected, cfg)  # the adapters training attached, freshly initialised
 
     def adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name.split(".lora_B")[0]: p for name, p in model.named_parameters() if ".lora_B" in name}
