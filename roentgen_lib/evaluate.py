@@ -637,13 +637,13 @@ def ceiling_examples(cfg: Config, real: RealImages, vae, model: Model, finding: 
     the one with the fewest other findings is shown, so the finding is what differs.
     """
     truth = real.test_truth
-    others = truth[[f for f in FINDINGS if f != finding]].sum(axis=1)
+    others = truth[[f for f in FINDINGS if f != finding]].sum(axis=1).to_numpy()
     picks, prompts = [], []
     for size in ("small", "large"):
         for side in ("left", "right"):
-            match = truth.index[(truth[f"{finding} side"] == side) & (truth[f"{finding} size"] == size)]
+            match = np.flatnonzero((truth[f"{finding} side"] == side) & (truth[f"{finding} size"] == size))
             if len(match):
-                picks.append(others[match].idxmin())
+                picks.append(match[others[match].argmin()])
                 prompts.append(negated_prompt(finding, side, size))
     if not picks:
         raise ValueError(f"the test set holds no {finding} with a stated side and size to show")
