@@ -38,7 +38,7 @@ SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scal
                    "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts",
                    "synthetic_split_prompts", "guidance_sweep", "steps_sweep", "edit_strength")
 # Fields read only by evaluation (05): changing them never changes what training produces.
-EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "classifier_epochs", "downstream_seeds",
+EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "classifier_epochs", "judge_blur", "downstream_seeds",
                      "downstream_images_per_prompt", "eval_references", "evaluation_dir")
 # Which components a full fine-tune adapts: (train_unet, train_text_encoder).
 VARIANTS = {"unet": (True, False), "text_encoder": (False, True), "both": (True, True)}
@@ -131,6 +131,10 @@ class Config:
     eval_prompts: int = 48  # test-split report prompts drawn per model for fidelity and diversity
     xrv_weights: str | None = None  # local safetensors of torchxrayvision's DenseNet-121 (FID-XRV); None: unavailable
     classifier_epochs: int = 12  # epochs of each finding-classifier training (judge and downstream)
+    # The judge scores images decoded by an autoencoder that smooths fine texture; trained on sharp images
+    # only, it reads that smoothing as "no finding". Blurring half its training batches (Gaussian, sigma up
+    # to this many pixels, one sigma per batch) makes it read findings, not sharpness. 0 turns it off.
+    judge_blur: float = 1.5
     downstream_seeds: str = "0,1,2"  # classifier seeds of the downstream experiment (mean and spread)
     downstream_images_per_prompt: int = 16  # synthetic images per spec prompt added to the real training set
     eval_references: int = 8  # phantom world: rendered test images per spec prompt (4x as many train the judge)
@@ -318,7 +322,7 @@ def check_values(cfg: Config) -> None:
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
     for name in ("snr_gamma", "noise_offset", "timestep_bias_start", "lr_warmup_steps", "lora_scale",
-                 "composed_reports", "data_workers"):
+                 "composed_reports", "data_workers", "judge_blur"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
     if cfg.composed_reports and cfg.data_source != "phantom":

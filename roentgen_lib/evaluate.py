@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 from tqdm import tqdm
 
 from roentgen_lib.config import Config, number_list
@@ -141,9 +143,23 @@ def classifier_loss(out: dict, target: dict) -> torch.Tensor:
     return loss
 
 
+def blur_share(batch: torch.Tensor, max_sigma: float, generator: torch.Generator, share: float = 0.5) -> torch.Tensor:
+    """Gaussian-blur a random `share` of the images (N, 1, H, W), one sigma in (0, max_sigma] for the batch.
+
+    The smoothing an autoencoder applies: a classifier trained with it reads findings, not sharpness.
+    """
+    sigma = float(torch.rand(1, generator=generator)) * max_sigma + 1e-3
+    chosen = torch.rand(len(batch), generator=generator) < share
+    kernel = 2 * math.ceil(2 * max_sigma) + 1
+    return torch.where(chosen[:, None, None, None], gaussian_blur(batch, [kernel, kernel], [sigma, sigma]), batch)
+
+
 def train_classifier(images: np.ndarray, truth: pd.DataFrame, seed: int, epochs: int = 12, batch_size: int = 64,
-                     learning_rate: float = 2e-3, progress: bool = False) -> FindingNet:
-    """Train FindingNet on real images and their truth (random shifts as augmentation); returns it in eval mode."""
+                     learning_rate: float = 2e-3, blur: float = 0.0, progress: bool = False) -> FindingNet:
+    """Train FindingNet on real images and their truth; returns it in eval mode.
+
+    Augmentation: random shifts of up to 2 pixels, and with `blur` > 0 `blur_share` on every batch.
+    """
     torch.manual_seed(seed)
     net = FindingNet()
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
@@ -156,6 +172,8 @@ def train_classifier(images: np.ndarray, truth: pd.DataFrame, seed: int, epochs:
         for idx in torch.randperm(len(x), generator=generator).split(batch_size):
             shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
             batch = torch.roll(x[idx], shifts=shift, dims=(2, 3))
+            if blur > 0:
+                batch = blur_share(batch, blur, generator)
             loss = classifier_loss(net(batch), {k: v[idx] for k, v in target.items()})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -568,7 +586,8 @@ def real_images(cfg: Config) -> RealImages:
 
 def train_judge(cfg: Config, real: RealImages) -> FindingNet:
     """The finding classifier that scores every model, trained on real (and rendered) training images."""
-    return train_classifier(real.train, real.train_truth, seed=cfg.seed, epochs=cfg.classifier_epochs, progress=cfg.progress)
+    return train_classifier(real.train, real.train_truth, seed=cfg.seed, epochs=cfg.classifier_epochs, blur=cfg.judge_blur,
+                            progress=cfg.progress)
 
 
 def counterparts(cfg: Config, sources) -> np.ndarray:

@@ -40,6 +40,7 @@ def test_none_keeps_profile_value_and_overrides_apply():
         ({"base_vae_batch_size": 0}, "'base_vae_batch_size' must be >= 1"),
         ({"timestep_bias": 0.0}, "'timestep_bias' must be > 0"),
         ({"timestep_bias_start": -1}, "'timestep_bias_start' must be >= 0"),
+        ({"judge_blur": -0.5}, "'judge_blur' must be >= 0"),
     ],
 )
 def test_bad_parameters_are_named(kwargs, fragment):
