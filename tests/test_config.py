@@ -41,12 +41,21 @@ def test_none_keeps_profile_value_and_overrides_apply():
         ({"timestep_bias": 0.0}, "'timestep_bias' must be > 0"),
         ({"timestep_bias_start": -1}, "'timestep_bias_start' must be >= 0"),
         ({"judge_blur": -0.5}, "'judge_blur' must be >= 0"),
+        ({"method": "lora", "lora_max_steps": 0}, "'lora_max_steps' must be >= 1 or None"),
+        ({"lora_max_steps": 5}, "parameter 'lora_max_steps' applies to LoRA only, but method='full'"),
     ],
 )
 def test_bad_parameters_are_named(kwargs, fragment):
     with pytest.raises(config.ConfigError) as error:
         config.resolve("tiny", **kwargs)
     assert fragment in str(error.value)
+
+
+def test_lora_takes_its_own_step_count_unless_max_steps_is_set():
+    assert config.resolve("demo").max_steps == 1600
+    assert config.resolve("demo", method="lora").max_steps == 800
+    assert config.resolve("demo", method="lora", max_steps=100).max_steps == 100
+    assert config.resolve("tiny", method="lora").max_steps == config.resolve("tiny").max_steps  # no LoRA count: max_steps
 
 
 def test_unknown_profile_lists_allowed():
