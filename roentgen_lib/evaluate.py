@@ -202,6 +202,21 @@ def alignment_table(prediction: dict, truth: pd.DataFrame, **keys: str) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def presence_by_prompt(data: datasets.Dataset, judge: FindingNet, size: int, prompts: str = "held-out phrasing") -> pd.DataFrame:
+    """The judge's mean presence per finding for each prompt of one set, and the findings it asked for.
+
+    An AUROC over a prompt set hides which phrasing failed: this shows whether a model drew a finding
+    it was not asked for (a negation read as a mention) or left out one it was asked for.
+    """
+    data = data.select(np.flatnonzero(prompt_set(data["source"]) == prompts))
+    presence = pd.DataFrame(predict(judge, images_array(data, size))["presence"], columns=FINDINGS)
+    presence.insert(0, "prompt", data["prompt"])
+    table = presence.groupby("prompt", sort=False).mean()
+    asked = truth_table(data).assign(prompt=data["prompt"]).groupby("prompt", sort=False)[list(FINDINGS)].max()
+    table.insert(0, "asked", ["; ".join(f for f in FINDINGS if asked.loc[p, f] == 1.0) or "none" for p in table.index])
+    return table
+
+
 def controllability_table(prediction: dict, truth: pd.DataFrame, **keys: str) -> pd.DataFrame:
     """Side accuracy (left vs right) and size accuracy (small vs large) where the truth names them."""
     rows = []

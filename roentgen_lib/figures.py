@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 from roentgen_lib.config import Config
@@ -241,6 +242,22 @@ def fig_metric_bars(rows: pd.DataFrame, x: str, hue: str, ylabel: str, title: st
     ax.tick_params(axis="x", labelsize=8)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def fig_presence_by_prompt(table: pd.DataFrame, title: str = "") -> Figure:
+    """Heatmap of the judge's presence per prompt (rows) and finding (columns), the asked findings boxed."""
+    values = table.drop(columns="asked")
+    fig = Figure(figsize=(3.5 + 1.1 * values.shape[1], 1.2 + 0.36 * len(values)))
+    ax = fig.add_subplot(1, 1, 1)
+    sns.heatmap(values, vmin=0, vmax=1, cmap="rocket_r", annot=True, fmt=".2f", cbar=False, ax=ax, annot_kws={"size": 7})
+    for row, asked in enumerate(table["asked"]):
+        for column, finding in enumerate(values.columns):
+            if finding in asked.split("; "):
+                ax.add_patch(Rectangle((column, row), 1, 1, fill=False, edgecolor="tab:blue", linewidth=2.5))
+    ax.set(xlabel="judge's presence (boxed: asked for)", ylabel="", title=title)
+    ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
 

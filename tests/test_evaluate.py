@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from roentgen_lib import evaluate, sample
 from roentgen_lib.text import compose
@@ -57,6 +58,22 @@ def test_classifier_learns_a_visible_finding():
     assert held_out["features"].shape == (48, net.feature_width)
     with pytest.raises(ValueError, match="no ground truth"):
         evaluate.truth_table(datasets.Dataset.from_dict({"image_id": ["x"]}))
+
+
+def test_presence_by_prompt_averages_each_prompt_and_names_what_it_asked():
+    prompts = ["no pneumothorax. large left pleural effusion.", "no acute cardiopulmonary process.", "large right pneumothorax."]
+    sources = ["held-out phrasing", "held-out phrasing", "report language"]
+    rows = [(p, s) for p, s in zip(prompts, sources) for _ in range(2)]
+    images = noise_images(len(rows), 0)
+    data = datasets.Dataset.from_dict({
+        "image": [Image.fromarray(im) for im in images], "prompt": [p for p, _ in rows], "source": [s for _, s in rows],
+        "intended": [json.dumps(label_report(p)) for p, _ in rows]})
+    judge = evaluate.FindingNet().eval()
+    table = evaluate.presence_by_prompt(data, judge, 32)
+    assert table.index.tolist() == prompts[:2]  # only the held-out set, in prompt order
+    assert table["asked"].tolist() == ["Pleural Effusion", "none"]
+    expected = evaluate.predict(judge, images[:4])["presence"].reshape(2, 2, -1).mean(axis=1)
+    assert np.allclose(table[list(evaluate.FINDINGS)].to_numpy(), expected)
 
 
 def test_blur_share_smooths_a_random_share_of_the_batch_and_keeps_the_rest():
