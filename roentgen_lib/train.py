@@ -334,6 +334,9 @@ def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) ->
     if "run" not in states:
         raise ValueError(f"{folder} records no run settings (written by an older version); use resume=False")
     check_same_run(states["run"], cfg, folder)
+    if step > cfg.max_steps:
+        raise ValueError(f"{run_dir} has trained {step} steps, more than max_steps={cfg.max_steps}; use another "
+                         "run_name, or resume=False to start over")
     for name, model in models.items():
         missing, unexpected = model.load_state_dict(states["models"][name], strict=False)
         if unexpected or set(states["models"][name]) - {k for k, _ in model.named_parameters()}:
@@ -533,10 +536,19 @@ def finetune(cfg: Config) -> TrainResult:
 
 
 def variant_configs(cfg: Config) -> dict[str, Config]:
-    """One full fine-tuning config per component variant named in `cfg.full_variants`."""
-    return {name: dataclasses.replace(cfg, method="full", train_unet=VARIANTS[name][0],
+    """One full fine-tuning config per component variant named in `cfg.full_variants`.
+
+    Runs are named after their variant (`full_unet`, `full_te`, `full_unet_te`); a `run_name` prefixes
+    those names (`seed1_full_unet`, ...), so a sweep does not collide with the default runs.
+    """
+    configs = {}
+    for name in cfg.variant_names:
+        variant = dataclasses.replace(cfg, method="full", train_unet=VARIANTS[name][0],
                                       train_text_encoder=VARIANTS[name][1], run_name=None)
-            for name in cfg.variant_names}
+        if cfg.run_name:
+            variant = dataclasses.replace(variant, run_name=f"{cfg.run_name}_{variant.run_path.name}")
+        configs[name] = variant
+    return configs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,23 @@ def test_resuming_with_other_settings_is_refused(tiny_world):
         run(tiny_world, run_name="settings", learning_rate=0.5)
 
 
+def test_a_run_trained_past_max_steps_is_refused_not_rewritten(tiny_world):
+    done = run(tiny_world, run_name="past", resume=False)
+    before = weights(done.output_dir)
+    with pytest.raises(ValueError, match=f"has trained {tiny_world.max_steps} steps, more than max_steps=2"):
+        run(tiny_world, run_name="past", max_steps=2)
+    after = weights(done.output_dir)
+    assert all(torch.equal(before[f][k], after[f][k]) for f in before for k in before[f])
+
+
+def test_variant_runs_are_named_after_the_variant_and_prefixed_by_run_name(tiny_world):
+    plain = train.variant_configs(dataclasses.replace(tiny_world, full_variants="unet,both"))
+    assert {name: c.run_path.name for name, c in plain.items()} == {"unet": "full_unet", "both": "full_unet_te"}
+    swept = train.variant_configs(dataclasses.replace(tiny_world, full_variants="text_encoder", run_name="seed1"))
+    assert swept["text_encoder"].run_path.name == "seed1_full_te"
+    assert (swept["text_encoder"].train_unet, swept["text_encoder"].train_text_encoder) == (False, True)
+
+
 def test_text_encoder_only_leaves_the_unet_untouched(tiny_world):
     result = run(tiny_world, train_unet=False, train_text_encoder=True, run_name="te_only", resume=False)
     tuned = models.load_base(str(result.output_dir))
