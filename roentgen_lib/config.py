@@ -93,6 +93,7 @@ class Config:
     gradient_accumulation: int = 1  # micro-batches per optimizer step
     max_steps: int = 600  # optimizer steps
     lora_max_steps: int | None = None  # steps of a LoRA fine-tune when max_steps is not set; None: max_steps
+    text_encoder_max_steps: int | None = None  # steps of 03's text-encoder-only run when max_steps is not set; None: max_steps
     mixed_precision: MixedPrecision = "no"  # "fp16"/"bf16" on GPUs that support them
     gradient_checkpointing: bool = False  # trade compute for memory (paper profile)
     ema_decay: float = 0.999  # EMA of trained weights; 0 turns it off
@@ -112,6 +113,7 @@ class Config:
     )  # "|"-separated prompts rendered at each validation
     resume: bool = True  # continue from the latest checkpoint of the run if there is one
     full_variants: str = "unet,text_encoder,both"  # components 03_finetune_full adapts, one run each
+    train_processes: int = 1  # runs 03 trains at once, each in its own process with an equal share of the CPU threads
     # --- sampling (04_sampling) ---
     sample_model: str = "full_unet_te"  # run folder under models_dir to sample from, or "base"
     scheduler: Scheduler = "dpmsolver++"  # sampling scheduler
@@ -221,7 +223,9 @@ def resolve(profile: str = "demo", **overrides: Any) -> Config:
     check_names(overrides)
     chosen = {name: value for name, value in overrides.items() if value is not None}
     cfg = dataclasses.replace(PROFILES[profile], **chosen)
-    if cfg.method == "lora" and cfg.lora_max_steps is not None and "max_steps" not in chosen:
+    if "max_steps" in chosen:  # a step count the user sets applies to every run
+        cfg = dataclasses.replace(cfg, **{name: None for name in RUN_STEP_FIELDS if name not in chosen})
+    if cfg.method == "lora" and cfg.lora_max_steps is not None:
         cfg = dataclasses.replace(cfg, max_steps=cfg.lora_max_steps)
     check_required(cfg)
     check_conflicts(cfg, set(chosen))
@@ -305,7 +309,7 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"profile={cfg.profile!r} is not a profile; allowed: {', '.join(PROFILE_NAMES)}")
     if cfg.image_size < 16 or cfg.image_size % 8:
         raise ConfigError(f"parameter 'image_size' must be a multiple of 8 and >= 16, got {cfg.image_size}")
-    for name in ("n_images", "synthetic_split_prompts", "lora_max_steps"):
+    for name in ("n_images", "synthetic_split_prompts", *RUN_STEP_FIELDS):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1 or None (all), got {getattr(cfg, name)}")
     if cfg.base_vae_crop is not None and not (cfg.base_vae_crop % 8 == 0 and 8 <= cfg.base_vae_crop <= cfg.image_size):
@@ -316,7 +320,7 @@ def check_values(cfg: Config) -> None:
     positive = ("base_images", "base_vae_steps", "base_vae_batch_size", "base_steps", "lora_rank", "lora_alpha",
                 "batch_size", "base_batch_size",
                 "gradient_accumulation", "max_steps", "checkpoint_every", "checkpoints_total_limit",
-                "validation_every", "sampling_steps", "images_per_prompt", "sample_batch_size", "finding_repeats",
+                "validation_every", "train_processes", "sampling_steps", "images_per_prompt", "sample_batch_size", "finding_repeats",
                 "eval_prompts", "classifier_epochs", "downstream_images_per_prompt", "eval_references")
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -375,6 +379,8 @@ def check_required(cfg: Config) -> None:
 
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "unet_lora_targets", "text_lora_targets", "lora_max_steps")
+# A profile's step counts for runs that converge sooner than the rest; max_steps set by the user overrides them.
+RUN_STEP_FIELDS = ("lora_max_steps", "text_encoder_max_steps")
 
 
 def check_conflicts(cfg: Config, chosen: set[str]) -> None:
@@ -383,6 +389,8 @@ def check_conflicts(cfg: Config, chosen: set[str]) -> None:
     if ignored:
         raise ConfigError(f"parameter {ignored[0]!r} applies to LoRA only, but method={cfg.method!r}; "
                           "set method='lora' or drop it")
+    if "text_encoder_max_steps" in chosen and cfg.method != "full":
+        raise ConfigError(f"parameter 'text_encoder_max_steps' applies to full fine-tuning only, but method={cfg.method!r}")
     for name in ("mimic_root", "mimic_reports_root"):
         if name in chosen and cfg.data_source != "mimic":
             raise ConfigError(f"parameter {name!r} is set but data_source={cfg.data_source!r}; set data_source='mimic' "
@@ -426,7 +434,7 @@ def shipped_file(package: str, relative: str) -> Path:
 PROFILES: dict[str, Config] = {
     "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, data_workers=1, base_images=64,
                    base_vae_steps=20, base_vae_batch_size=8, base_vae_crop=16, base_steps=20, base_batch_size=8,
-                   batch_size=8, max_steps=12, lr_warmup_steps=2, zero_terminal_snr=True, timestep_bias=8.0,
+                   batch_size=8, max_steps=12, lr_warmup_steps=2, zero_terminal_snr=True, timestep_bias=8.0, train_processes=2,
                    checkpoint_every=6, validation_every=6, sampling_steps=4, images_per_prompt=2,
                    sample_batch_size=8, guidance_sweep="1,4", steps_sweep="2,4", eval_prompts=6, classifier_epochs=2,
                    downstream_seeds="0", downstream_images_per_prompt=1, eval_references=1),
@@ -441,7 +449,7 @@ PROFILES: dict[str, Config] = {
     # The last two keep `make reproduce` under 30 minutes on slower hosts (31.6 min with 1600 and 16).
     "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, base_vae_steps=2400,
                    base_vae_batch_size=16, base_vae_crop=24, base_steps=400, max_steps=1600, lora_max_steps=800,
-                   batch_size=16, zero_terminal_snr=True, timestep_bias=8.0, checkpoint_every=400,
+                   text_encoder_max_steps=800, train_processes=2, batch_size=16, zero_terminal_snr=True, timestep_bias=8.0, checkpoint_every=400,
                    validation_every=400, sampling_steps=10, eval_prompts=24, synthetic_split_prompts=128,
                    classifier_epochs=8, downstream_images_per_prompt=8),
     "paper": Config(profile="paper", data_source="mimic", n_images=None, image_size=512,

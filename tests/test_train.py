@@ -91,6 +91,16 @@ def test_variant_runs_are_named_after_the_variant_and_prefixed_by_run_name(tiny_
     assert (swept["text_encoder"].train_unet, swept["text_encoder"].train_text_encoder) == (False, True)
 
 
+def test_text_encoder_alone_takes_its_own_step_count_unless_max_steps_is_set():
+    def steps(**overrides):
+        return {name: c.max_steps for name, c in train.variant_configs(config.resolve("demo", **overrides)).items()}
+    assert steps() == {"unet": 1600, "text_encoder": 800, "both": 1600}
+    assert steps(max_steps=100) == {"unet": 100, "text_encoder": 100, "both": 100}
+    assert steps(max_steps=100, text_encoder_max_steps=50) == {"unet": 100, "text_encoder": 50, "both": 100}
+    with pytest.raises(config.ConfigError, match="'text_encoder_max_steps' applies to full fine-tuning only"):
+        config.resolve("demo", method="lora", text_encoder_max_steps=10)
+
+
 def test_text_encoder_only_leaves_the_unet_untouched(tiny_world):
     result = run(tiny_world, train_unet=False, train_text_encoder=True, run_name="te_only", resume=False)
     tuned = models.load_base(str(result.output_dir))
@@ -220,3 +230,36 @@ def test_zero_terminal_snr_schedule_ends_at_pure_noise_and_needs_v_prediction(ti
     epsilon = DDPMScheduler.from_config(base_schedule.config, prediction_type="epsilon")
     with pytest.raises(ValueError, match="needs a v-prediction base"):
         train.zero_terminal_snr_schedule(epsilon)
+
+
+def test_runs_trained_side_by_side_match_a_run_trained_alone(tiny_world):
+    configs = {"unet": dataclasses.replace(tiny_world, run_name="side_unet", resume=False),
+               "both": dataclasses.replace(tiny_world, run_name="side_both", train_text_encoder=True, resume=False)}
+    results = train.train_runs(configs, processes=2)
+    assert list(results) == ["unet", "both"]  # the order given, though the larger run started first
+    assert train.logged_step(results["both"].run_dir) == tiny_world.max_steps
+    threads = torch.get_num_threads()
+    try:  # the same run in this process, with the share of threads each of the two processes had
+        alone, _ = train.train_in_process(dataclasses.replace(configs["both"], run_name="alone_both"), max(1, threads // 2))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = weights(results["both"].output_dir), weights(alone.output_dir)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+
+
+def test_a_failing_run_is_raised_with_its_error(tiny_world, tmp_path):
+    broken = dataclasses.replace(tiny_world, run_name="broken", output_dir=str(tmp_path / "no_dataset"))
+    with pytest.raises(FileNotFoundError, match="no_dataset: run 01_data_prep first"):
+        train.train_runs({"broken": broken}, processes=1)
+
+
+def test_warnings_of_a_run_in_its_own_process_reach_the_caller(tiny_world, tmp_path):
+    run(tiny_world, run_name="rebased_apart", resume=False)
+    other = models.load_base(tiny_world.base_model_path)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.01)
+    models.save_base(other, tmp_path / "other_base")
+    moved = dataclasses.replace(tiny_world, run_name="rebased_apart", base_model=str(tmp_path / "other_base"))
+    with pytest.warns(UserWarning, match="rebased_apart: .* was trained from a different base model or dataset"):
+        train.train_runs({"unet": moved}, processes=1)
