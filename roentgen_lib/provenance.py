@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import subprocess
+from pathlib import Path
 
 from roentgen_lib.config import PROJECT_ROOT
 
@@ -39,7 +40,19 @@ def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str | N
 
 
 def machine() -> dict[str, str | int]:
-    """Python version, platform and CPU count."""
+    """Python version, platform, CPU model and count: timings, and float rounding, differ between CPU models."""
     import os
 
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count() or 0}
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
+            "cpus": os.cpu_count() or 0}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: from /proc/cpuinfo), or what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
