@@ -218,16 +218,25 @@ def presence_by_prompt(data: datasets.Dataset, judge: FindingNet, size: int, pro
 
 
 def controllability_table(prediction: dict, truth: pd.DataFrame, **keys: str) -> pd.DataFrame:
-    """Side accuracy (left vs right) and size accuracy (small vs large) where the truth names them."""
+    """Side accuracy (left vs right) and size accuracy (small vs large) where the truth names them.
+
+    An image counts as correct only when the judge also finds the finding in it (presence >= 0.5):
+    where it is missing, the side and size heads would be reading a finding that is not there (a model
+    that draws no small pneumothorax would otherwise score its size as "small" by chance). `present`
+    is the share of those images in which the finding was found.
+    """
     rows = []
     for k, finding in enumerate(LATERAL):
+        found = prediction["presence"][:, FINDINGS.index(finding)] >= 0.5
         for head, names, asked in (("side", SIDES, ("left", "right")), ("size", SIZES, ("small", "large"))):
             wanted = truth[f"{finding} {head}"].isin(asked).to_numpy()
             columns = [names.index(a) for a in asked]
             chosen = np.array(asked)[prediction[head][wanted, k][:, columns].argmax(axis=1)] if wanted.any() else []
-            correct = (chosen == truth[f"{finding} {head}"].to_numpy()[wanted]).mean() if wanted.any() else float("nan")
+            right = (chosen == truth[f"{finding} {head}"].to_numpy()[wanted]) & found[wanted]
+            value = right.mean() if wanted.any() else float("nan")
             rows.append({**keys, "finding": finding, "metric": f"{head} correct ({' vs '.join(asked)})",
-                         "value": round(float(correct), 4), "images": int(wanted.sum())})
+                         "value": round(float(value), 4), "images": int(wanted.sum()),
+                         "present": round(float(found[wanted].mean()), 4) if wanted.any() else float("nan")})
     return pd.DataFrame(rows)
 
 

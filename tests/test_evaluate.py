@@ -40,6 +40,18 @@ def test_alignment_and_controllability_count_what_they_should():
     assert align["value"].tolist() == [0.75] * len(evaluate.FINDINGS) and set(align["model"]) == {"m"}
     control = evaluate.controllability_table(prediction, truth)
     assert control["value"].tolist() == [0.5, 0.5, 0.5, 0.5]
+    assert control["present"].tolist() == [0.5, 0.5, 0.5, 0.5]  # the judge misses the finding in row 2
+
+
+def test_a_side_read_in_an_image_without_the_finding_is_not_correct():
+    truth = pd.DataFrame({f: [1.0, 1.0] for f in evaluate.FINDINGS})
+    for f in evaluate.LATERAL:
+        truth[f"{f} side"], truth[f"{f} size"] = ["left", "left"], ["small", "small"]
+    side = np.zeros((2, 2, 3))
+    side[:, :, 0] = 1.0  # both read "left" and "small", as asked
+    presence = np.tile(np.array([[0.9], [0.1]]), (1, len(evaluate.FINDINGS)))  # but the second shows no finding
+    control = evaluate.controllability_table({"presence": presence, "side": side, "size": side.copy()}, truth)
+    assert control["value"].tolist() == [0.5] * 4
 
 
 def test_classifier_learns_a_visible_finding():
