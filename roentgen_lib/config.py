@@ -113,7 +113,9 @@ class Config:
     )  # "|"-separated prompts rendered at each validation
     resume: bool = True  # continue from the latest checkpoint of the run if there is one
     full_variants: str = "unet,text_encoder,both"  # components 03_finetune_full adapts, one run each
-    train_processes: int = 1  # runs 03 trains at once, each in its own process with an equal share of the CPU threads
+    # Independent jobs run at once (03's runs; 05's models and classifiers), each in its own process with
+    # an equal share of the CPU threads: on a CPU, small models train faster side by side (see `parallel`).
+    worker_processes: int = 1
     # --- sampling (04_sampling) ---
     sample_model: str = "full_unet_te"  # run folder under models_dir to sample from, or "base"
     scheduler: Scheduler = "dpmsolver++"  # sampling scheduler
@@ -318,10 +320,10 @@ def check_values(cfg: Config) -> None:
     if cfg.seed < 0:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
     positive = ("base_images", "base_vae_steps", "base_vae_batch_size", "base_steps", "lora_rank", "lora_alpha",
-                "batch_size", "base_batch_size",
-                "gradient_accumulation", "max_steps", "checkpoint_every", "checkpoints_total_limit",
-                "validation_every", "train_processes", "sampling_steps", "images_per_prompt", "sample_batch_size", "finding_repeats",
-                "eval_prompts", "classifier_epochs", "downstream_images_per_prompt", "eval_references")
+                "batch_size", "base_batch_size", "gradient_accumulation", "max_steps", "checkpoint_every",
+                "checkpoints_total_limit", "validation_every", "worker_processes", "sampling_steps", "images_per_prompt",
+                "sample_batch_size", "finding_repeats", "eval_prompts", "classifier_epochs",
+                "downstream_images_per_prompt", "eval_references")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(cfg, name)}")
@@ -434,24 +436,25 @@ def shipped_file(package: str, relative: str) -> Path:
 PROFILES: dict[str, Config] = {
     "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, data_workers=1, base_images=64,
                    base_vae_steps=20, base_vae_batch_size=8, base_vae_crop=16, base_steps=20, base_batch_size=8,
-                   batch_size=8, max_steps=12, lr_warmup_steps=2, zero_terminal_snr=True, timestep_bias=8.0, train_processes=2,
-                   checkpoint_every=6, validation_every=6, sampling_steps=4, images_per_prompt=2,
+                   batch_size=8, max_steps=12, lr_warmup_steps=2, zero_terminal_snr=True, timestep_bias=8.0,
+                   worker_processes=2, checkpoint_every=6, validation_every=6, sampling_steps=4, images_per_prompt=2,
                    sample_batch_size=8, guidance_sweep="1,4", steps_sweep="2,4", eval_prompts=6, classifier_epochs=2,
                    downstream_seeds="0", downstream_images_per_prompt=1, eval_references=1),
     # demo: fine-tuned with zero terminal SNR and high-noise timesteps drawn 8x as often, which lets the
     # prompt decide the side of a finding (README, Evaluation: `make probe-position`); 1600 steps of 16:
     # the pneumothorax side needs that many updates (600 of 32, 800 of 32, 1200 of 16, 1600 of 12 miss it).
     # The base: 400 U-Net steps of 32 (500 of 16 left it using its captions far less); its autoencoder
-    # pretrained on 24 px patches, 2400 steps of 16 (a judge trained on sharp images only read real test
-    # images through it with pneumothorax AUROC 0.80, side 0.83, size 0.90; on 32 px patches 0.82 / 0.83 /
-    # 0.84 in 1.5x the time). Sampling: 10 steps (the same AUROC as 15). LoRA: 800 steps, by which its
-    # validation loss has levelled off (0.200; 0.190 after 1600). Downstream: 8 synthetic images per spec.
-    # The last two keep `make reproduce` under 30 minutes on slower hosts (31.6 min with 1600 and 16).
+    # pretrained on 24 px patches, 2400 steps of 16 (as good as 32 px patches in 2/3 of the time).
+    # Sampling: 10 steps (the same AUROC as 15). LoRA and the text encoder alone: 800 steps, by which
+    # their validation loss has levelled off (text encoder: 0.505 at 800, 0.501 at 1600). Downstream: 8
+    # synthetic images per spec. Two worker processes (03, 05): 1.4x the throughput of one on 2 cores.
+    # Together these keep `make reproduce` under 30 minutes on the slower hosts seen (README, Profiles).
     "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, base_vae_steps=2400,
                    base_vae_batch_size=16, base_vae_crop=24, base_steps=400, max_steps=1600, lora_max_steps=800,
-                   text_encoder_max_steps=800, train_processes=2, batch_size=16, zero_terminal_snr=True, timestep_bias=8.0, checkpoint_every=400,
-                   validation_every=400, sampling_steps=10, eval_prompts=24, synthetic_split_prompts=128,
-                   classifier_epochs=8, downstream_images_per_prompt=8),
+                   text_encoder_max_steps=800, batch_size=16, zero_terminal_snr=True, timestep_bias=8.0,
+                   checkpoint_every=400, validation_every=400, sampling_steps=10, eval_prompts=24,
+                   synthetic_split_prompts=128, classifier_epochs=8, downstream_images_per_prompt=8,
+                   worker_processes=2),
     "paper": Config(profile="paper", data_source="mimic", n_images=None, image_size=512,
                     base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=1e-5,
                     lr_warmup_steps=500, batch_size=8, gradient_accumulation=32, max_steps=12500,

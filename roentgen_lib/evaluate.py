@@ -22,10 +22,10 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -45,8 +45,9 @@ from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render_prompts, render_size
 from roentgen_lib.files import write_file_atomic, write_json_atomic
 from roentgen_lib.models import PICKLE_SUFFIXES, Base, reconstruct
+from roentgen_lib.parallel import run_jobs
 from roentgen_lib.provenance import git_state
-from roentgen_lib.sample import Model, SamplingError, SamplingSettings, available_models, generate, grey
+from roentgen_lib.sample import Model, SamplingError, SamplingSettings, available_models, generate, grey, load_model
 from roentgen_lib.synthetic import generate_dataset, split_prompts
 from roentgen_lib.text.compose import HELD_OUT_PHRASINGS, NORMAL_PROMPT, finding_specs, negated_prompt
 from roentgen_lib.text.labels import label_report
@@ -488,16 +489,25 @@ def presence_only(truth: pd.DataFrame) -> pd.DataFrame:
 
 
 def downstream_table(train_sets: dict[str, tuple[np.ndarray, pd.DataFrame]], test_images: np.ndarray,
-                     test_truth: pd.DataFrame, seeds: list[int], epochs: int = 12, progress: bool = False) -> pd.DataFrame:
-    """Train a presence classifier on each named training set with each seed; AUROC per finding on the real test set."""
-    tables = []
-    for name, (images, truth) in tqdm(list(train_sets.items()), desc="downstream", disable=not progress):
-        for seed in seeds:
-            net = train_classifier(images, presence_only(truth), seed=seed, epochs=epochs)
-            table = alignment_table(predict(net, test_images), test_truth, training=name, seed=str(seed))
-            table["train images"] = len(images)
-            tables.append(table)
-    return pd.concat(tables, ignore_index=True)
+                     test_truth: pd.DataFrame, seeds: list[int], epochs: int = 12, processes: int = 1,
+                     progress: bool = False) -> pd.DataFrame:
+    """Train a presence classifier on each named training set with each seed; AUROC per finding on the real test set.
+
+    The classifiers train `processes` at a time, each in its own process (see `parallel`).
+    """
+    jobs = {f"{name}, seed {seed}": (images, truth, seed, epochs, test_images, test_truth, name)
+            for name, (images, truth) in train_sets.items() for seed in seeds}
+    tables = run_jobs(downstream_scores, jobs, processes, desc="downstream classifiers" if progress else None)
+    return pd.concat(tables.values(), ignore_index=True)
+
+
+def downstream_scores(images: np.ndarray, truth: pd.DataFrame, seed: int, epochs: int, test_images: np.ndarray,
+                      test_truth: pd.DataFrame, name: str) -> pd.DataFrame:
+    """AUROC per finding on the test set of one presence classifier trained on (images, truth) with `seed`."""
+    net = train_classifier(images, presence_only(truth), seed=seed, epochs=epochs)
+    table = alignment_table(predict(net, test_images), test_truth, training=name, seed=str(seed))
+    table["train images"] = len(images)
+    return table
 
 
 # ---------------------------------------------------------------- what 05_evaluation runs
@@ -559,6 +569,21 @@ def evaluation_images(cfg: Config, model: Model) -> datasets.Dataset:
                             SamplingSettings.from_config(cfg), cfg.images_per_prompt, cfg.seed, cfg.progress)
 
 
+def draw_evaluation_images(cfg: Config, names: list[str]) -> None:
+    """Draw (or find cached) the evaluation images of the named models, `worker_processes` models at a time.
+
+    Afterwards `evaluation_images` of each model returns its cached dataset.
+    """
+    quiet = dataclasses.replace(cfg, progress=False)
+    run_jobs(model_evaluation_images, {name: (quiet, name) for name in names}, cfg.worker_processes,
+             desc="draw evaluation images" if cfg.progress else None)
+
+
+def model_evaluation_images(cfg: Config, name: str) -> int:
+    """Load the model `name` and draw its evaluation images (a job of `draw_evaluation_images`); the image count."""
+    return len(evaluation_images(cfg, load_model(cfg, name)))
+
+
 def rendered_references(cfg: Config, prompts: list[str], per_prompt: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
     """Phantom radiographs drawn for `prompts` (per_prompt each) and what was drawn; none outside the phantom world.
 
@@ -577,7 +602,7 @@ def is_composed(split) -> np.ndarray:
     return np.array([s.startswith("composed-") for s in split["subject_id"]])
 
 
-@dataclass
+@dataclasses.dataclass
 class RealImages:
     """Real images with their truth: the judge's training set and the held-out test set."""
 
@@ -762,7 +787,7 @@ def downstream_experiment(cfg: Config, real: RealImages, synthetic: datasets.Dat
                                  pd.concat([real.report_train_truth, truth], ignore_index=True)),
             "synthetic": (images, truth)}
     return downstream_table(sets, real.test, real.test_truth, number_list(cfg.downstream_seeds, int),
-                            epochs=cfg.classifier_epochs, progress=cfg.progress)
+                            epochs=cfg.classifier_epochs, processes=cfg.worker_processes, progress=cfg.progress)
 
 
 def positives_subset(truth: pd.DataFrame, finding: str, count: int, seed: int) -> np.ndarray:

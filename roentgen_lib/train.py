@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import resource
 import shutil
 import time
 import warnings
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from roentgen_lib.config import EVALUATION_FIELDS, SAMPLING_FIELDS, VARIANTS, Co
 from roentgen_lib.data.dataset import load as load_dataset
 from roentgen_lib.files import replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
 from roentgen_lib.models import Base, fused_adamw_available, images_to_tensor, load_base, sample_grid, save_base, weights_fingerprint
+from roentgen_lib.parallel import run_jobs
 from roentgen_lib.progress import library_progress_bars
 
 CAPTION_DROPOUT = 0.1  # share of prompts replaced by "" so classifier-free guidance works
@@ -284,7 +284,7 @@ def trained_state(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, tor
 
 
 # Fields that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_CHANGES = {"max_steps", "lora_max_steps", "text_encoder_max_steps", "train_processes", "resume", "progress",
+RESUMABLE_CHANGES = {"max_steps", "lora_max_steps", "text_encoder_max_steps", "worker_processes", "resume", "progress",
                      "data_workers", "validation_every", "checkpoint_every", "checkpoints_total_limit",
                      "validation_prompts", "figures_dir", "run_name", "models_dir", "output_dir", "base_model",
                      "full_variants", *SAMPLING_FIELDS, *EVALUATION_FIELDS}
@@ -557,58 +557,31 @@ def variant_configs(cfg: Config) -> dict[str, Config]:
 
 
 def train_runs(configs: dict[str, Config], processes: int = 1) -> dict[str, TrainResult]:
-    """Fine-tune several runs, `processes` at a time, each in its own process; results in the order given.
+    """Fine-tune several runs, `processes` at a time, each in its own process (see `parallel`).
 
-    Each process gets an equal share of this process's CPU threads. Models this small gain little from
-    a second thread per operation: on 2 cores, two demo runs side by side with one thread each train
-    1.4x faster than one after the other with two. The largest runs start first, so the processes end
-    together. Progress is read from each run's log; warnings a run raises are raised here again. When
-    a run fails, runs not yet started are cancelled and its error is raised once the running ones end
-    (their checkpoints let a rerun continue). Processes are spawned, so a script that calls this needs
-    Python's `if __name__ == "__main__":` guard (a notebook does not).
+    The runs training the most (steps x components) start first. Each run's progress bar follows the
+    steps its log records. Results come back in the order of `configs`.
     """
-    threads = max(1, torch.get_num_threads() // processes)
-    order = sorted(configs, key=lambda name: -configs[name].max_steps * (configs[name].train_unet + configs[name].train_text_encoder))
-    context = multiprocessing.get_context("spawn")  # a fork would copy this process's threads and locks
-    with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-        futures = {name: pool.submit(train_in_process, dataclasses.replace(configs[name], progress=False), threads)
-                   for name in order}
-        follow_progress(configs, futures)
-        failed = next((f for f in futures.values() if f.done() and not f.cancelled() and f.exception()), None)
-        if failed is not None:
-            for future in futures.values():
-                future.cancel()
-            failed.result()
-    results = {}
-    for name in configs:
-        results[name], messages = futures[name].result()
-        for message in messages:
-            warnings.warn(f"{configs[name].run_path.name}: {message}", stacklevel=2)
-    return results
-
-
-def train_in_process(cfg: Config, threads: int) -> tuple[TrainResult, list[str]]:
-    """`finetune` with `threads` CPU threads, returning the warnings the library raised (for `train_runs`)."""
-    torch.set_num_threads(threads)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.filterwarnings("always", module="roentgen_lib")
-        result = finetune(cfg)
-    return result, [str(w.message) for w in caught if w.filename.startswith(str(Path(__file__).parent))]
-
-
-def follow_progress(configs: dict[str, Config], futures: dict) -> None:
-    """A progress bar per run, fed by the steps its log records, until every run has ended (or one failed)."""
     bars = {name: tqdm(total=cfg.max_steps, desc=f"train {cfg.run_path.name}", disable=not cfg.progress)
             for name, cfg in configs.items()}
-    pending = set(futures.values())
-    while pending:
-        done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
-        for name, cfg in configs.items():
-            bars[name].update(logged_step(cfg.run_path) - bars[name].n)
-        if any(f.exception() for f in done if not f.cancelled()):
-            break
-    for bar in bars.values():
-        bar.close()
+    jobs = {name: (dataclasses.replace(cfg, progress=False),) for name, cfg in configs.items()}
+    try:
+        return run_jobs(finetune, jobs, processes, cost=lambda name: training_cost(configs[name]),
+                        follow=functools.partial(follow_logs, configs, bars))
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def training_cost(cfg: Config) -> int:
+    """What a run costs, roughly: its steps times the components it trains."""
+    return cfg.max_steps * (cfg.train_unet + cfg.train_text_encoder)
+
+
+def follow_logs(configs: dict[str, Config], bars: dict[str, tqdm]) -> None:
+    """Move each run's progress bar to the last step its log records."""
+    for name, cfg in configs.items():
+        bars[name].update(logged_step(cfg.run_path) - bars[name].n)
 
 
 def logged_step(run_dir: Path) -> int:

@@ -42,7 +42,7 @@ def test_none_keeps_profile_value_and_overrides_apply():
         ({"timestep_bias_start": -1}, "'timestep_bias_start' must be >= 0"),
         ({"judge_blur": -0.5}, "'judge_blur' must be >= 0"),
         ({"method": "lora", "lora_max_steps": 0}, "'lora_max_steps' must be >= 1 or None"),
-        ({"train_processes": 0}, "'train_processes' must be >= 1"),
+        ({"worker_processes": 0}, "'worker_processes' must be >= 1"),
         ({"lora_max_steps": 5}, "parameter 'lora_max_steps' applies to LoRA only, but method='full'"),
     ],
 )

@@ -263,3 +263,21 @@ def test_presence_only_truth_hides_side_and_size_but_keeps_presence():
     target, original = evaluate.targets(blank), evaluate.targets(truth)
     assert (original["side"] >= 0).any() and (target["side"] == -1).all() and (target["size"] == -1).all()
     assert torch.equal(target["presence"], original["presence"])
+
+
+def test_downstream_classifiers_train_side_by_side_and_report_in_order():
+    rng = np.random.default_rng(0)
+    images = rng.integers(60, 90, (96, 32, 32)).astype(np.uint8)
+    truth = pd.DataFrame({f: 0.0 for f in evaluate.FINDINGS}, index=range(96))
+    for f in evaluate.LATERAL:
+        truth[f"{f} side"], truth[f"{f} size"] = None, None
+    truth.loc[:47, "Pleural Effusion"] = 1.0
+    images[:48, 20:, :16] = 230  # the visible finding of test_classifier_learns_a_visible_finding
+    train_sets = {"half": (images[::2], truth.iloc[::2].reset_index(drop=True)),
+                  "quarter": (images[::4], truth.iloc[::4].reset_index(drop=True))}
+    table = evaluate.downstream_table(train_sets, images[1::2], truth.iloc[1::2].reset_index(drop=True), seeds=[0, 1],
+                                      epochs=12, processes=2)
+    assert list(dict.fromkeys(zip(table.training, table.seed))) == [("half", "0"), ("half", "1"), ("quarter", "0"), ("quarter", "1")]
+    effusion = table[table.finding == "Pleural Effusion"]
+    assert effusion["train images"].tolist() == [48, 48, 24, 24]
+    assert (effusion.value[:2] > 0.95).all()  # as in the test above, with the same images and epochs

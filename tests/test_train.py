@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from roentgen_lib import checkpoints, config, models, pretrain, sample, train
+from roentgen_lib import checkpoints, config, models, parallel, pretrain, sample, train
 
 
 def test_batch_indices_cover_an_epoch_and_split_across_processes():
@@ -240,7 +240,8 @@ def test_runs_trained_side_by_side_match_a_run_trained_alone(tiny_world):
     assert train.logged_step(results["both"].run_dir) == tiny_world.max_steps
     threads = torch.get_num_threads()
     try:  # the same run in this process, with the share of threads each of the two processes had
-        alone, _ = train.train_in_process(dataclasses.replace(configs["both"], run_name="alone_both"), max(1, threads // 2))
+        alone, _ = parallel.call_with_threads(train.finetune, max(1, threads // 2),
+                                              (dataclasses.replace(configs["both"], run_name="alone_both"),))
     finally:
         torch.set_num_threads(threads)
     a, b = weights(results["both"].output_dir), weights(alone.output_dir)
@@ -261,5 +262,5 @@ def test_warnings_of_a_run_in_its_own_process_reach_the_caller(tiny_world, tmp_p
         next(other.unet.parameters()).add_(0.01)
     models.save_base(other, tmp_path / "other_base")
     moved = dataclasses.replace(tiny_world, run_name="rebased_apart", base_model=str(tmp_path / "other_base"))
-    with pytest.warns(UserWarning, match="rebased_apart: .* was trained from a different base model or dataset"):
+    with pytest.warns(UserWarning, match="unet: .*rebased_apart was trained from a different base model or dataset"):
         train.train_runs({"unet": moved}, processes=1)
