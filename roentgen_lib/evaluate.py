@@ -46,6 +46,7 @@ from roentgen_lib.data.phantom import render_prompts, render_size
 from roentgen_lib.files import write_file_atomic, write_json_atomic
 from roentgen_lib.models import PICKLE_SUFFIXES, Base, reconstruct
 from roentgen_lib.parallel import run_jobs
+from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.provenance import git_state
 from roentgen_lib.sample import Model, SamplingError, SamplingSettings, available_models, generate, grey, load_model
 from roentgen_lib.synthetic import generate_dataset, split_prompts
@@ -580,8 +581,12 @@ def draw_evaluation_images(cfg: Config, names: list[str]) -> None:
 
 
 def model_evaluation_images(cfg: Config, name: str) -> int:
-    """Load the model `name` and draw its evaluation images (a job of `draw_evaluation_images`); the image count."""
-    return len(evaluation_images(cfg, load_model(cfg, name)))
+    """Load the model `name` and draw its evaluation images (a job of `draw_evaluation_images`); the image count.
+
+    A worker process starts with the libraries' progress bars on; they follow `cfg.progress` here.
+    """
+    with library_progress_bars(cfg.progress):
+        return len(evaluation_images(cfg, load_model(cfg, name)))
 
 
 def rendered_references(cfg: Config, prompts: list[str], per_prompt: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:

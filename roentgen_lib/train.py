@@ -307,25 +307,30 @@ def inputs_fingerprint(base_weights: str, pairs: Pairs) -> str:
     return digest.hexdigest()
 
 
-def set_aside_if_stale(run_dir: Path, inputs: str) -> None:
-    """Move a run folder whose checkpoints start from another base or dataset to `<name>.stale-N`.
+def set_aside_if_stale(run_dir: Path, inputs: str, max_steps: int) -> None:
+    """Move a run folder that this run must not continue to `<name>.stale-N`, with a warning saying why.
 
-    Resuming them would silently continue from weights trained on something else (say, a base
-    rebuilt by changed code); they are kept, renamed, never deleted.
+    Its checkpoints start from another base or dataset (say, a base rebuilt by changed code), or were
+    made for another `max_steps`, over which their learning-rate schedule runs: resuming either would
+    not end where an uninterrupted run does. They are kept, renamed, never deleted.
     """
     folder = latest_checkpoint(run_dir)
     if folder is None:
         return
     saved = load_state(folder, "inputs") if (folder / "inputs.json").is_file() else None
-    if saved == inputs:
+    planned = load_state(folder, "run").get("max_steps") if (folder / "run.json").is_file() else max_steps
+    if saved != inputs:
+        reason = "was trained from a different base model or dataset"
+    elif planned != max_steps:
+        reason = f"was trained for max_steps={planned}, not {max_steps} (its learning-rate schedule spans them)"
+    else:
         return
     n = 1
     while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
         n += 1
     aside = run_dir.with_name(f"{run_dir.name}.stale-{n}")
     os.replace(run_dir, aside)
-    warnings.warn(f"{run_dir} was trained from a different base model or dataset; moved it to {aside.name} "
-                  "and starting this run afresh", stacklevel=2)
+    warnings.warn(f"{run_dir} {reason}; moved it to {aside.name} and starting this run afresh", stacklevel=2)
 
 
 def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) -> int:
@@ -337,9 +342,6 @@ def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) ->
     if "run" not in states:
         raise ValueError(f"{folder} records no run settings (written by an older version); use resume=False")
     check_same_run(states["run"], cfg, folder)
-    if step > cfg.max_steps:
-        raise ValueError(f"{run_dir} has trained {step} steps, more than max_steps={cfg.max_steps}; use another "
-                         "run_name, or resume=False to start over")
     for name, model in models.items():
         missing, unexpected = model.load_state_dict(states["models"][name], strict=False)
         if unexpected or set(states["models"][name]) - {k for k, _ in model.named_parameters()}:
@@ -442,7 +444,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     val = cache_pairs(base, *val_data, cfg.image_size, frozen_text, progress=False, cache_dir=cache_dir)
     inputs = inputs_fingerprint(base_weights, train)
     if cfg.resume and main:
-        set_aside_if_stale(run_dir, inputs)
+        set_aside_if_stale(run_dir, inputs, cfg.max_steps)
     accelerator.wait_for_everyone()
     params = trained_parameters(models)
     optimizer = make_optimizer(params, cfg)
@@ -566,7 +568,7 @@ def train_runs(configs: dict[str, Config], processes: int = 1) -> dict[str, Trai
             for name, cfg in configs.items()}
     jobs = {name: (dataclasses.replace(cfg, progress=False),) for name, cfg in configs.items()}
     try:
-        return run_jobs(finetune, jobs, processes, cost=lambda name: training_cost(configs[name]),
+        return run_jobs(finetune, jobs, processes, cost={name: training_cost(cfg) for name, cfg in configs.items()},
                         follow=functools.partial(follow_logs, configs, bars))
     finally:
         for bar in bars.values():
@@ -593,7 +595,8 @@ def logged_step(run_dir: Path) -> int:
             lines = handle.read().decode(errors="replace").splitlines()
     except FileNotFoundError:
         return 0
-    steps = [int(line.split(",", 1)[0]) for line in lines if line.split(",", 1)[0].isdigit()]
+    rows = [line.split(",") for line in lines[1:]]  # the first line may be cut; a last one still being written
+    steps = [int(row[0]) for row in rows if len(row) == 4 and row[0].isdigit() and row[3]]
     return steps[-1] if steps else 0
 
 

@@ -277,7 +277,8 @@ def test_downstream_classifiers_train_side_by_side_and_report_in_order():
                   "quarter": (images[::4], truth.iloc[::4].reset_index(drop=True))}
     table = evaluate.downstream_table(train_sets, images[1::2], truth.iloc[1::2].reset_index(drop=True), seeds=[0, 1],
                                       epochs=12, processes=2)
-    assert list(dict.fromkeys(zip(table.training, table.seed))) == [("half", "0"), ("half", "1"), ("quarter", "0"), ("quarter", "1")]
+    assert list(dict.fromkeys(zip(table.training, table.seed))) == [("half", "0"), ("half", "1"), ("quarter", "0"),
+                                                                    ("quarter", "1")]
     effusion = table[table.finding == "Pleural Effusion"]
     assert effusion["train images"].tolist() == [48, 48, 24, 24]
     assert (effusion.value[:2] > 0.95).all()  # as in the test above, with the same images and epochs

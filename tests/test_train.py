@@ -74,13 +74,14 @@ def test_resuming_with_other_settings_is_refused(tiny_world):
         run(tiny_world, run_name="settings", learning_rate=0.5)
 
 
-def test_a_run_trained_past_max_steps_is_refused_not_rewritten(tiny_world):
-    done = run(tiny_world, run_name="past", resume=False)
+def test_a_run_for_other_max_steps_is_set_aside_not_resumed(tiny_world):
+    done = run(tiny_world, run_name="steps", resume=False)
     before = weights(done.output_dir)
-    with pytest.raises(ValueError, match=f"has trained {tiny_world.max_steps} steps, more than max_steps=2"):
-        run(tiny_world, run_name="past", max_steps=2)
-    after = weights(done.output_dir)
-    assert all(torch.equal(before[f][k], after[f][k]) for f in before for k in before[f])
+    with pytest.warns(UserWarning, match=f"was trained for max_steps={tiny_world.max_steps}, not 6 .*moved it to steps.stale-1"):
+        shorter = run(tiny_world, run_name="steps", max_steps=6)
+    assert train.logged_step(shorter.run_dir) == 6 and shorter.seconds_per_step > 0  # trained afresh, to 6
+    kept = weights(done.run_dir.with_name("steps.stale-1") / "pipeline")
+    assert all(torch.equal(before[f][k], kept[f][k]) for f in before for k in before[f])
 
 
 def test_variant_runs_are_named_after_the_variant_and_prefixed_by_run_name(tiny_world):
@@ -236,7 +237,7 @@ def test_runs_trained_side_by_side_match_a_run_trained_alone(tiny_world):
     configs = {"unet": dataclasses.replace(tiny_world, run_name="side_unet", resume=False),
                "both": dataclasses.replace(tiny_world, run_name="side_both", train_text_encoder=True, resume=False)}
     results = train.train_runs(configs, processes=2)
-    assert list(results) == ["unet", "both"]  # the order given, though the larger run started first
+    assert list(results) == ["unet", "both"]
     assert train.logged_step(results["both"].run_dir) == tiny_world.max_steps
     threads = torch.get_num_threads()
     try:  # the same run in this process, with the share of threads each of the two processes had

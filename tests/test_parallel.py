@@ -1,0 +1,54 @@
+"""Jobs in worker processes: their order, their share of threads, failures and warnings."""
+
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from roentgen_lib import parallel
+
+
+def started_at(name: str) -> tuple[str, float, int]:
+    """A job that reports when it started (CLOCK_MONOTONIC is shared by processes) and its threads."""
+    start = time.monotonic()
+    time.sleep(0.2)
+    return name, start, torch.get_num_threads()
+
+
+def fail_or_mark(name: str, folder: str) -> str:
+    """A job that fails when named "fail" and otherwise leaves a file behind."""
+    if name == "fail":
+        raise RuntimeError("job failed on purpose")
+    (Path(folder) / name).write_text("ran")
+    return name
+
+
+def test_costliest_jobs_start_first_and_results_keep_the_given_order():
+    jobs = {name: (name,) for name in ("small", "large", "medium")}
+    results = parallel.run_jobs(started_at, jobs, processes=1, cost={"small": 1, "large": 9, "medium": 5})
+    assert list(results) == ["small", "large", "medium"]
+    starts = {name: start for name, start, _ in results.values()}
+    assert starts["large"] < starts["medium"] < starts["small"]
+
+
+def test_each_process_gets_its_share_of_the_threads():
+    total = torch.get_num_threads()
+    two = parallel.run_jobs(started_at, {"a": ("a",), "b": ("b",)}, processes=2)
+    assert {threads for _, _, threads in two.values()} == {max(1, total // 2)}
+    alone = parallel.run_jobs(started_at, {"a": ("a",)}, processes=2)  # one job: no process idles, all threads
+    assert alone["a"][2] == total
+
+
+def test_a_failure_is_raised_and_jobs_not_started_are_cancelled(tmp_path):
+    jobs = {"fail": ("fail", str(tmp_path)), "later": ("later", str(tmp_path))}
+    with pytest.raises(RuntimeError, match="job failed on purpose"):
+        parallel.run_jobs(fail_or_mark, jobs, processes=1, cost={"fail": 2, "later": 1})
+    assert not (tmp_path / "later").exists()
+
+
+def test_library_warnings_keep_their_category():
+    # warnings.warn as the job itself: the warning is raised from parallel.py, inside this library
+    with pytest.warns(RuntimeWarning, match="^job: running low"):
+        parallel.run_jobs(warnings.warn, {"job": ("running low", RuntimeWarning)}, processes=1)
