@@ -19,7 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import warnings
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +37,19 @@ def run_jobs(function: Callable, jobs: dict[str, tuple], processes: int, cost: d
     start first, so the processes end together. `follow` is called about once a second while jobs
     run (to update progress bars); `desc` shows a bar of finished jobs. Warnings this library raises
     in a job are raised here again, prefixed by the job's name. When a job fails, or this process is
-    interrupted, jobs not yet started are cancelled and the error is raised once the running ones end.
+    interrupted, no further job starts, and the error is raised once the running ones end.
     """
     processes = max(1, min(processes, len(jobs)))
     threads = max(1, torch.get_num_threads() // processes)
     order = sorted(jobs, key=cost.__getitem__, reverse=True) if cost else list(jobs)
     with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(call_with_threads, function, threads, jobs[name]) for name in order}
-        try:
-            wait_for(futures, follow, desc)
-        finally:
-            for future in futures.values():
-                future.cancel()  # only those not started; a no-op once every job has ended
-    failed = [f for f in futures.values() if not f.cancelled() and f.exception() is not None]
-    if failed:
-        failed[0].result()
+        ended = run_in_turn(pool, function, threads, {name: jobs[name] for name in order}, processes, follow, desc)
+    for future in ended.values():
+        if future.exception() is not None:
+            future.result()
     results = {}
     for name in jobs:
-        results[name], caught = futures[name].result()
+        results[name], caught = ended[name].result()
         for category, message in caught:
             warnings.warn(f"{name}: {message}", category, stacklevel=2)
     return results
@@ -69,14 +64,25 @@ def call_with_threads(function: Callable, threads: int, args: tuple) -> tuple[An
     return result, [(w.category, str(w.message)) for w in caught if w.filename.startswith(LIBRARY)]
 
 
-def wait_for(futures: dict[str, Future], follow: Callable[[], None] | None, desc: str | None) -> None:
-    """Wait until every job has ended, or one has failed."""
-    pending = set(futures.values())
-    with tqdm(total=len(futures), desc=desc, unit="job", disable=desc is None) as bar:
-        while pending:
-            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+def run_in_turn(pool: ProcessPoolExecutor, function: Callable, threads: int, jobs: dict[str, tuple], processes: int,
+                follow: Callable[[], None] | None, desc: str | None) -> dict[str, Future]:
+    """Submit the jobs in order, never more than `processes` at once, until all have ended or one failed.
+
+    Submitting only as processes free up (the pool would queue ahead) is what lets a failure or an
+    interrupt keep the remaining jobs from starting. Returns the futures of the jobs that ended.
+    """
+    waiting, running, ended = list(jobs), {}, {}
+    with tqdm(total=len(jobs), desc=desc, unit="job", disable=desc is None) as bar:
+        while waiting or running:
+            while waiting and len(running) < processes:
+                name = waiting.pop(0)
+                running[pool.submit(call_with_threads, function, threads, jobs[name])] = name
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in done:
+                ended[running.pop(future)] = future
+                if future.exception() is not None:
+                    waiting.clear()
             bar.update(len(done))
             if follow is not None:
                 follow()
-            if any(not f.cancelled() and f.exception() is not None for f in done):
-                return
+    return ended
