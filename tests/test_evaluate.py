@@ -54,15 +54,21 @@ def test_a_side_read_in_an_image_without_the_finding_is_not_correct():
     assert control["value"].tolist() == [0.5] * 4
 
 
-def test_classifier_learns_a_visible_finding():
+def visible_finding_set() -> tuple[np.ndarray, pd.DataFrame]:
+    """96 noise images, the first 48 with an effusion drawn as a bright lower band on the right."""
     rng = np.random.default_rng(0)
     images = rng.integers(60, 90, (96, 32, 32)).astype(np.uint8)
     truth = pd.DataFrame({f: 0.0 for f in evaluate.FINDINGS}, index=range(96))
     for f in evaluate.LATERAL:
         truth[f"{f} side"], truth[f"{f} size"] = None, None
     truth.loc[:47, "Pleural Effusion"] = 1.0
-    images[:48, 20:, :16] = 230  # a bright lower band on one side
+    images[:48, 20:, :16] = 230
     truth.loc[:47, "Pleural Effusion side"] = "right"
+    return images, truth
+
+
+def test_classifier_learns_a_visible_finding():
+    images, truth = visible_finding_set()
     net = evaluate.train_classifier(images[::2], truth.iloc[::2].reset_index(drop=True), seed=0, epochs=12)
     held_out = evaluate.predict(net, images[1::2])
     table = evaluate.alignment_table(held_out, truth.iloc[1::2].reset_index(drop=True))
@@ -266,13 +272,7 @@ def test_presence_only_truth_hides_side_and_size_but_keeps_presence():
 
 
 def test_downstream_classifiers_train_side_by_side_and_report_in_order():
-    rng = np.random.default_rng(0)
-    images = rng.integers(60, 90, (96, 32, 32)).astype(np.uint8)
-    truth = pd.DataFrame({f: 0.0 for f in evaluate.FINDINGS}, index=range(96))
-    for f in evaluate.LATERAL:
-        truth[f"{f} side"], truth[f"{f} size"] = None, None
-    truth.loc[:47, "Pleural Effusion"] = 1.0
-    images[:48, 20:, :16] = 230  # the visible finding of test_classifier_learns_a_visible_finding
+    images, truth = visible_finding_set()
     train_sets = {"half": (images[::2], truth.iloc[::2].reset_index(drop=True)),
                   "quarter": (images[::4], truth.iloc[::4].reset_index(drop=True))}
     table = evaluate.downstream_table(train_sets, images[1::2], truth.iloc[1::2].reset_index(drop=True), seeds=[0, 1],
