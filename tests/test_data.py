@@ -10,6 +10,7 @@ from conftest import write_mimic_tree
 
 from roentgen_lib import config
 from roentgen_lib.data import dataset, masks, mimic, phantom
+from roentgen_lib.text import compose
 from roentgen_lib.text.labels import PATHOLOGIES, label_report
 
 
@@ -100,6 +101,16 @@ def test_composed_reports_join_the_draw_one_patient_each():
     assert sides["left"] > 5 and sides["right"] > 5
     with pytest.raises(config.ConfigError, match="composed_reports"):
         config.resolve("paper", mimic_root="/x", composed_reports=10)
+
+
+def test_composed_normal_reports_deny_findings_and_label_normal():
+    normals = [r for r in compose.composed_reports(2000, seed=0) if compose.NORMAL_PROMPT in r]
+    denied = [r for r in normals if r != compose.NORMAL_PROMPT]
+    assert 0.3 < len(denied) / len(normals) < 0.7
+    assert {r.removesuffix(compose.NORMAL_PROMPT).strip() for r in denied} == set(compose.NORMAL_NEGATIONS)
+    for report in set(denied):
+        positive = {f for f, v in label_report(report).items() if v["status"] == "positive"}
+        assert positive == {"No Finding"}, report
 
 
 def test_phantom_dataset_build(tiny_cfg):

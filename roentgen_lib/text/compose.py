@@ -20,6 +20,7 @@ NORMAL_PROMPT = "no acute cardiopulmonary process."
 NEGATIONS = {"Pleural Effusion": "no pneumothorax.", "Pneumothorax": "no pleural effusion.",
              "Consolidation": "no pleural effusion or pneumothorax.", "Cardiomegaly": "no pleural effusion or pneumothorax.",
              "Edema": "no pneumothorax."}
+NORMAL_NEGATIONS = tuple(sorted(set(NEGATIONS.values())))  # what a composed normal report may deny
 # Phrasings of the same findings that composed reports never use (05 checks none occurs in training).
 HELD_OUT_PHRASINGS = (
     "there is a large pneumothorax on the left.",
@@ -66,14 +67,20 @@ def finding_specs(findings: tuple[str, ...] = tuple(SPEC_SIDES), severities: tup
 
 
 def composed_reports(count: int, seed: int) -> list[str]:
-    """`count` composed reports: a uniform draw over the specs and a normal report, half with a negation."""
+    """`count` composed reports: a uniform draw over the specs and a normal report, half with a negation.
+
+    Normal reports are negated too ("no pleural effusion or pneumothorax. no acute cardiopulmonary
+    process."): without them every composed report that names a finding, even to deny it, shows one
+    finding or another, and a model learns to draw an effusion for "no pleural effusion" alone.
+    """
     specs = finding_specs()
     rng = np.random.default_rng([seed, 11])
     reports = []
     for _ in range(count):
         k = int(rng.integers(len(specs) + 1))
+        negated = rng.random() < 0.5
         if k == len(specs):
-            reports.append(NORMAL_PROMPT)
+            reports.append(f"{rng.choice(NORMAL_NEGATIONS)} {NORMAL_PROMPT}" if negated else NORMAL_PROMPT)
         else:
-            reports.append((negated_prompt if rng.random() < 0.5 else compose_prompt)(**specs[k]))
+            reports.append((negated_prompt if negated else compose_prompt)(**specs[k]))
     return reports
