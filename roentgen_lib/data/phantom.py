@@ -102,13 +102,17 @@ def add_bones(scene: Scene, rng: np.random.Generator) -> None:
     scene.tissue += 0.18 * spine
     thorax = (yy > 0.08) * (yy < 0.84)
     spacing = rng.uniform(0.070, 0.080)
+    sides = []  # per side, only the pixels a rib can cover: the arcs are evaluated there alone
+    for sign in (-1, 1):
+        dx = np.clip(sign * (xx - 0.5), 0, None)
+        inside = (dx > 0.03) & (dx < 0.44) & thorax
+        d = dx[inside]
+        sides.append((inside, yy[inside], 0.35 * d**1.5, 0.2 * d**2, 0.25 * d))
     for k in range(10):
         y0 = 0.12 + k * spacing
-        for sign in (-1, 1):
-            dx = np.clip(sign * (xx - 0.5), 0, None)
-            rib_y = y0 + 0.35 * dx**1.5 - 0.2 * dx**2 + 0.25 * dx
-            band = np.exp(-(((yy - rib_y) / 0.011) ** 2)) * (dx > 0.03) * (dx < 0.44) * thorax
-            scene.tissue += 0.05 * band
+        for inside, y, rise, fall, slope in sides:
+            rib_y = y0 + rise - fall + slope
+            scene.tissue[inside] += 0.05 * np.exp(-(((y - rib_y) / 0.011) ** 2))
     for sign in (-1, 1):
         dx = sign * (xx - 0.5)
         clavicle = np.exp(-(((yy - (0.13 - 0.06 * dx)) / 0.014) ** 2)) * (dx > 0.05) * (dx < 0.33)
