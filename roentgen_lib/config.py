@@ -448,10 +448,11 @@ PROFILES: dict[str, Config] = {
     # Sampling: 10 steps (the same AUROC as 15). LoRA and the text encoder alone: 800 steps, by which
     # their validation loss has levelled off (text encoder: 0.505 at 800, 0.501 at 1600). Downstream: 8
     # synthetic images per spec. Three worker processes of one thread each (03, 05): two give 1.4x the
-    # throughput of one process with two threads on 2 cores, a third gives the same throughput as two
-    # (6.05 vs 5.95 steps/s, 120 U-Net + text encoder steps each) but lets 03's three runs end
-    # together, where with two one core idled while the last run finished alone.
-    # Together these keep `make reproduce` under 30 minutes on the slower hosts seen (README, Profiles).
+    # throughput of one process with two threads on 2 cores; a third gives the same throughput as two
+    # (6.05 vs 5.95 steps/s, 120 U-Net + text encoder steps each) and keeps both cores busy until 03's
+    # last two runs end (about 4% faster than two workers, measured on hosts of different speed).
+    # Chosen for `make reproduce` to take under 30 minutes: it took 28.8-32.7 min on the hosts of
+    # 2026-11-26, whose speed varied (README, Profiles).
     "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, base_vae_steps=2400,
                    base_vae_batch_size=16, base_vae_crop=24, base_steps=400, max_steps=1600, lora_max_steps=800,
                    text_encoder_max_steps=800, batch_size=16, zero_terminal_snr=True, timestep_bias=8.0,
