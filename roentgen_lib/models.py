@@ -334,10 +334,10 @@ def sample_grid(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, st
 
 
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: list, size: int, batch_size: int = 64) -> np.ndarray:
+def reconstruct(vae: AutoencoderKL, images: list, size: int, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Encode and decode images with the VAE (latent means); uint8 (N, size, size) grayscale."""
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc="encode and decode", disable=not progress):
         batch = images_to_tensor(images[i : i + batch_size], size)
         decoded = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
         out.append(((decoded.mean(dim=1) + 1) * 127.5).round().to(torch.uint8).numpy())

@@ -229,10 +229,35 @@ class StandInVAE:
         return SimpleNamespace(sample=torch.zeros_like(latents) if self.erase else latents)
 
 
+class InvertingVAE(StandInVAE):
+    """An autoencoder stand-in whose decodings are the negatives of its inputs: easy to tell apart."""
+
+    def __init__(self) -> None:
+        super().__init__(erase=False)
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=-latents)
+
+
+def test_judge_learns_from_the_training_images_and_their_decodings_with_the_same_truth(tiny_world, monkeypatch):
+    """Every synthetic image is a decoding of the base's VAE: the judge learns to read findings there too."""
+    real = evaluate.real_images(tiny_world)
+    shown = {}
+    monkeypatch.setattr(evaluate, "train_classifier", lambda images, truth, **options: shown.update(images=images, truth=truth))
+    evaluate.train_judge(tiny_world, real, InvertingVAE())
+    n = len(real.train)
+    assert len(shown["images"]) == len(shown["truth"]) == 2 * n
+    assert np.array_equal(shown["images"][:n], real.train)
+    assert np.abs(shown["images"][n:].astype(int) - (255 - real.train.astype(int))).max() <= 1
+    assert shown["truth"].iloc[n:].reset_index(drop=True).equals(real.train_truth)
+    evaluate.train_judge(tiny_world, real, None)
+    assert np.array_equal(shown["images"], real.train)  # without a VAE: the real images alone
+
+
 def test_vae_ceiling_matches_the_judge_when_lossless_and_is_chance_when_it_erases(tiny_world):
     """'real through the VAE' scores what survives the autoencoder: everything, or nothing."""
     real = evaluate.real_images(tiny_world)
-    judge = evaluate.train_judge(tiny_world, real)
+    judge = evaluate.train_judge(tiny_world, real, StandInVAE(erase=False))
     extractors = evaluate.feature_extractors(judge, None)
 
     def ceiling(erase: bool) -> pd.Series:
