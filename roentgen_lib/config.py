@@ -455,7 +455,8 @@ PROFILES: dict[str, Config] = {
     # (6.05 vs 5.95 steps/s, 120 U-Net + text encoder steps each) and keeps both cores busy until 03's
     # last two runs end (about 4% faster than two workers, measured on hosts of different speed).
     # Chosen for `make reproduce` to take under 30 minutes: it took 28.8-32.7 min on the hosts of
-    # 2026-11-26, whose speed varied (README, Profiles).
+    # 2026-11-26, whose speed varied, and about 35.6 min (summed per notebook) since 05's judge also
+    # learns from VAE decodings (README, Profiles): the aim is missed.
     "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, base_vae_steps=2400,
                    base_vae_batch_size=16, base_vae_crop=24, base_steps=400, learning_rate=2e-3, max_steps=1600,
                    lora_max_steps=800, text_encoder_max_steps=800, batch_size=16, zero_terminal_snr=True, timestep_bias=8.0,
