@@ -828,20 +828,33 @@ def learning_curve(cfg: Config, real: RealImages, finding: str = "Pneumothorax",
     return pd.DataFrame(rows)
 
 
-def guidance_table(cfg: Config, model: Model, extractor: nn.Module, images_per_prompt: int = 2) -> pd.DataFrame:
-    """FID (our features) and MS-SSIM of the test prompts' images at each guidance scale of `guidance_sweep`."""
-    prompts = evaluation_prompts(cfg).query("source.str.startswith('test:')")
-    jobs = prompts.loc[prompts.index.repeat(images_per_prompt)]
-    real = counterparts(cfg, prompts.source)
-    seeds = [cfg.seed + k for k in range(len(jobs))]
+def guidance_table(cfg: Config, model: Model, judge: FindingNet, images_per_prompt: int = 2,
+                   spec_images_per_prompt: int = 4) -> pd.DataFrame:
+    """At each guidance scale of `guidance_sweep`: fidelity, diversity and control, one row per metric.
+
+    FID (the judge's features) and MS-SSIM of `images_per_prompt` images per test prompt, and the side
+    and size correct (`controllability_table`) of `spec_images_per_prompt` images per effusion and
+    pneumothorax spec: guidance buys control at the price of fidelity and diversity, and this shows
+    at which scale a model draws the asked side before FID rises.
+    """
+    test = evaluation_prompts(cfg).query("source.str.startswith('test:')")
+    specs = report_language_prompts().query("spec.str.contains('Pleural Effusion|Pneumothorax')")
+    test_jobs, spec_jobs = test.loc[test.index.repeat(images_per_prompt)], specs.loc[specs.index.repeat(spec_images_per_prompt)]
+    seeds = [cfg.seed + k for k in range(len(test_jobs) + len(spec_jobs))]
+    real, extractor = counterparts(cfg, test.source), ClassifierFeatures(judge)
+    spec_truth = truth_of_labels([label_report(p) for p in spec_jobs.prompt])
     rows = []
     for guidance in number_list(cfg.guidance_sweep, float):
         settings = SamplingSettings.from_config(cfg).replace(guidance_scale=guidance)
-        images = np.stack([grey(im) for im in generate(model, list(jobs.prompt), seeds, settings)])
-        rows += [{"model": model.name, "guidance scale": guidance, "metric": "FID (FindingNet (ours))",
-                  "value": float(f"{frechet_distance(extractor, real, images):.4g}")},
-                 {"model": model.name, "guidance scale": guidance, "metric": "MS-SSIM within group",
-                  "value": round(float(diversity_table(images, list(jobs.prompt))["value"].iloc[0]), 4)}]
+        images = np.stack([grey(im) for im in generate(model, [*test_jobs.prompt, *spec_jobs.prompt], seeds, settings)])
+        drawn, spec_images = images[: len(test_jobs)], images[len(test_jobs) :]
+        keys = {"model": model.name, "guidance scale": guidance}
+        rows += [{**keys, "metric": "FID (FindingNet (ours))", "value": float(f"{frechet_distance(extractor, real, drawn):.4g}")},
+                 {**keys, "metric": "MS-SSIM within group",
+                  "value": round(float(diversity_table(drawn, list(test_jobs.prompt))["value"].iloc[0]), 4)}]
+        control = controllability_table(predict(judge, spec_images), spec_truth)
+        rows += [{**keys, "metric": f"{finding} {metric.split(' (')[0]}", "value": value}
+                 for finding, metric, value in zip(control.finding, control.metric, control.value)]
     return pd.DataFrame(rows)
 
 

@@ -262,16 +262,35 @@ def fig_presence_by_prompt(table: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
-def fig_sweep_lines(table: pd.DataFrame, x: str, metrics: list[str]) -> Figure:
-    """One panel per metric against a swept setting (e.g. FID and MS-SSIM against guidance scale)."""
-    fig = Figure(figsize=(4.2 * len(metrics), 3.4))
-    for k, metric in enumerate(metrics):
-        ax = fig.add_subplot(1, len(metrics), k + 1)
-        rows = table[table.metric == metric].sort_values(x)
-        ax.plot(rows[x], rows.value, "o-")
-        ax.set(xlabel=x, ylabel=metric, title=metric)
+def fig_sweep_lines(table: pd.DataFrame, x: str, panels: dict[str, list[str]], targets: dict[str, float] | None = None) -> Figure:
+    """One panel per entry of `panels` (title: metrics drawn as lines) against a swept setting.
+
+    E.g. FID, MS-SSIM and the side correct against guidance scale; `targets` draws a dashed line
+    at a panel's target value.
+    """
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    for k, (title, metrics) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for metric in metrics:
+            rows = table[table.metric == metric].sort_values(x)
+            ax.plot(rows[x], rows.value, "o-", label=metric)
+        if title in (targets or {}):
+            ax.axhline(targets[title], color="grey", linestyle="--", linewidth=1, label="target")
+        ax.set(xlabel=x, ylabel=title if len(metrics) > 1 else metrics[0], title=title)
+        if len(metrics) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+GUIDANCE_PANELS = {"FID (judge features)": ["FID (FindingNet (ours))"], "MS-SSIM (same prompt)": ["MS-SSIM within group"],
+                   "side correct": ["Pleural Effusion side correct", "Pneumothorax side correct"],
+                   "size correct": ["Pleural Effusion size correct", "Pneumothorax size correct"]}
+
+
+def fig_guidance_sweep(table: pd.DataFrame) -> Figure:
+    """`evaluate.guidance_table` drawn: fidelity, diversity, side and size correct (with their targets) against guidance."""
+    return fig_sweep_lines(table, "guidance scale", GUIDANCE_PANELS, targets={"side correct": 0.9, "size correct": 0.8})
 
 
 def fig_memorization(audit: pd.DataFrame, synthetic: np.ndarray | None = None, train: np.ndarray | None = None,

@@ -307,3 +307,34 @@ def test_downstream_classifiers_train_side_by_side_and_report_in_order():
     effusion = table[table.finding == "Pleural Effusion"]
     assert effusion["train images"].tolist() == [48, 48, 24, 24]
     assert (effusion.value[:2] > 0.95).all()  # as in the test above, with the same images and epochs
+
+
+def test_guidance_sweep_scores_the_side_drawn_at_each_scale(tiny_world, monkeypatch):
+    """A stand-in model draws the asked side only when guided: the sweep must show chance at 1, all right at 4."""
+    def draw(model, prompts, seeds, settings):
+        images = np.zeros((len(prompts), 32, 32, 3), np.uint8)
+        for k, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            labels = [a for f, a in label_report(prompt).items() if f in evaluate.LATERAL and a["status"] == "positive"]
+            asked = labels[0].get("laterality") if labels else None
+            side = asked if settings.guidance_scale > 1 and asked in ("left", "right") else ("left", "right")[seed % 2]
+            images[k, :, :16] = 255 if side == "left" else 0
+        return images
+
+    def read(judge, images):  # presence everywhere; the side from the bright half; size always "large"
+        left = images[:, :, :16].mean(axis=(1, 2)) > images[:, :, 16:].mean(axis=(1, 2))
+        side = np.zeros((len(images), len(evaluate.LATERAL), 3))
+        side[:, :, 0], side[:, :, 1] = left[:, None], ~left[:, None]
+        size = np.zeros_like(side)
+        size[:, :, 2] = 1.0
+        return {"presence": np.ones((len(images), len(evaluate.FINDINGS))), "side": side, "size": size}
+
+    monkeypatch.setattr(evaluate, "generate", draw)
+    monkeypatch.setattr(evaluate, "predict", read)
+    model = SimpleNamespace(name="stand-in")
+    table = evaluate.guidance_table(tiny_world, model, evaluate.FindingNet()).set_index(["guidance scale", "metric"]).value
+    assert tiny_world.guidance_sweep == "1,4"
+    for finding in evaluate.LATERAL:
+        assert table[(4.0, f"{finding} side correct")] == 1.0
+        assert 0.0 < table[(1.0, f"{finding} side correct")] < 1.0
+        assert 0.0 < table[(4.0, f"{finding} size correct")] < 1.0  # only the large ones are read right
+    assert {(g, m) for g in (1.0, 4.0) for m in ("FID (FindingNet (ours))", "MS-SSIM within group")} <= set(table.index)
