@@ -94,6 +94,16 @@ def truth_of_labels(labels: list[dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*FINDINGS, *(f"{f} {h}" for f in LATERAL for h in ("side", "size"))])
 
 
+def truth_of_reports(texts) -> pd.DataFrame:
+    """The truth table of report texts or prompts, as the labeler reads them (what a prompt asks for)."""
+    return truth_of_labels([label_report(text) for text in texts])
+
+
+def through_vae(vae: AutoencoderKL, images: np.ndarray, size: int, progress: bool = False) -> np.ndarray:
+    """uint8 grey images as `vae` encodes and decodes them: what a fine-tune of that VAE could draw at best."""
+    return reconstruct(vae, [Image.fromarray(image) for image in images], size, progress=progress)
+
+
 def images_array(split, size: int) -> np.ndarray:
     """uint8 (N, size, size) grey images of a dataset split."""
     return np.stack([np.asarray(im.convert("L").resize((size, size))) for im in split["image"]])
@@ -649,7 +659,7 @@ def train_judge(cfg: Config, real: RealImages, vae: AutoencoderKL | None) -> Fin
     """
     images, truth = real.train, real.train_truth
     if vae is not None:
-        decoded = reconstruct(vae, [Image.fromarray(image) for image in images], cfg.image_size, progress=cfg.progress)
+        decoded = through_vae(vae, images, cfg.image_size, progress=cfg.progress)
         images, truth = np.concatenate([images, decoded]), pd.concat([truth, truth], ignore_index=True)
     return train_classifier(images, truth, seed=cfg.seed, epochs=cfg.classifier_epochs, blur=cfg.judge_blur,
                             progress=cfg.progress)
@@ -702,8 +712,7 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
     validation = images_array(data["validation"], cfg.image_size)
     judged = {"real (judge on test set)": predict(judge, real.test)}
     if vae is not None:
-        reconstructed = reconstruct(vae, [Image.fromarray(image) for image in real.test], cfg.image_size)
-        judged["real through the VAE"] = predict(judge, reconstructed)
+        judged["real through the VAE"] = predict(judge, through_vae(vae, real.test, cfg.image_size))
     return pd.concat([
         *(table(prediction, real.test_truth, model=name, prompts="test")
           for name, prediction in judged.items() for table in (alignment_table, controllability_table)),
@@ -733,7 +742,7 @@ def ceiling_examples(cfg: Config, real: RealImages, vae, model: Model, finding: 
         raise ValueError(f"the test set holds no {finding} with a stated side and size to show")
     shown = real.test[picks]
     rows = {"real (test set)": shown,
-            "real through the frozen VAE": reconstruct(vae, [Image.fromarray(image) for image in shown], cfg.image_size)}
+            "real through the frozen VAE": through_vae(vae, shown, cfg.image_size)}
     settings = SamplingSettings.from_config(cfg)
     for seed in seeds:
         rows[f"{model.name}, seed {seed}"] = generate(model, prompts, [seed] * len(prompts), settings)
@@ -752,8 +761,7 @@ def probe_texts(cfg: Config) -> tuple[list[str], list[str]]:
 def text_probe(cfg: Config, models: dict[str, Model]) -> pd.DataFrame:
     """Linear-probe AUROC per finding on each model's text-encoder embeddings of report text."""
     train_texts, test_texts = probe_texts(cfg)
-    train_truth = truth_of_labels([label_report(t) for t in train_texts])
-    test_truth = truth_of_labels([label_report(t) for t in test_texts])
+    train_truth, test_truth = truth_of_reports(train_texts), truth_of_reports(test_texts)
     tables = []
     for name, model in models.items():
         encoder, tokenizer = model.pipe.text_encoder, model.pipe.tokenizer
@@ -842,7 +850,7 @@ def guidance_table(cfg: Config, model: Model, judge: FindingNet, images_per_prom
     test_jobs, spec_jobs = test.loc[test.index.repeat(images_per_prompt)], specs.loc[specs.index.repeat(spec_images_per_prompt)]
     seeds = [cfg.seed + k for k in range(len(test_jobs) + len(spec_jobs))]
     real, extractor = counterparts(cfg, test.source), ClassifierFeatures(judge)
-    spec_truth = truth_of_labels([label_report(p) for p in spec_jobs.prompt])
+    spec_truth = truth_of_reports(spec_jobs.prompt)
     rows = []
     for guidance in number_list(cfg.guidance_sweep, float):
         settings = SamplingSettings.from_config(cfg).replace(guidance_scale=guidance)
