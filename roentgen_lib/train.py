@@ -103,11 +103,13 @@ def encode_text(text_encoder, input_ids: torch.Tensor, batch_size: int = 256) ->
 
 @torch.no_grad()
 def cache_pairs(base: Base, images: list[Image.Image], prompts: list[str], size: int,
-                cache_text: bool, batch_size: int = 64, progress: bool = True, cache_dir: Path | None = None) -> Pairs:
+                cache_text: bool, batch_size: int = 16, progress: bool = True, cache_dir: Path | None = None) -> Pairs:
     """Encode every image once with the frozen VAE (and prompts, if the text encoder is frozen).
 
     With `cache_dir`, latents are kept in a file named by the VAE's weights and the images' bytes,
-    so the runs of one notebook (and of later ones) encode each dataset once.
+    so the runs of one notebook (and of later ones) encode each dataset once. Batches of 16 are 1.6x
+    faster per image than batches of 64 on 2 CPU cores (demo: 3.1 vs 4.9 ms); the latents agree to
+    float rounding (a last, smaller batch may round differently).
     """
     cache = latent_cache_file(base.vae, images, size, cache_dir) if cache_dir is not None else None
     if cache is not None and cache.is_file():

@@ -54,7 +54,7 @@ def test_bad_parameters_are_named(kwargs, fragment):
 
 def test_lora_takes_its_own_step_count_unless_max_steps_is_set():
     assert config.resolve("demo").max_steps == 1600
-    assert config.resolve("demo", method="lora").max_steps == 800
+    assert config.resolve("demo", method="lora").max_steps == 400
     assert config.resolve("demo", method="lora", max_steps=100).max_steps == 100
     assert config.resolve("tiny", method="lora").max_steps == config.resolve("tiny").max_steps  # no LoRA count: max_steps
 
