@@ -447,18 +447,19 @@ PROFILES: dict[str, Config] = {
     # it the side of those found was right in 0.52 / 0.96 / 0.55 at seeds 0-2; at 2e-3 in 1.00 / 1.00 /
     # 1.00 / 0.84 at seeds 0-3, effusions unchanged (README, Evaluation; 2400 steps at 1e-3: 1.00, seed 0).
     # The base: 400 U-Net steps of 32 (500 of 16 left it using its captions far less); its autoencoder
-    # pretrained on 24 px patches (as good as 32 px patches in 2/3 of the time), 1200 steps of 16: it
-    # reconstructs phantom X-rays better than after 2400 (10.9 vs 12.0 grey levels; 1600: 9.9) though
-    # shapes worse, and keeps as much of a pneumothorax (README, Fine-tuning). Sampling: 10 steps (the
-    # same AUROC as 15). LoRA and the text encoder alone: 400 steps. The text encoder's validation loss
-    # has levelled off by then (0.488 at 400, 0.485 at 800); LoRA's has not (0.201, 0.189), but it drew
-    # no finding at 800 either. Downstream: 8 synthetic images per spec. Three worker processes of one thread each (03, 05): two give 1.4x the
-    # throughput of one process with two threads on 2 cores; a third gives the same throughput as two
-    # (6.05 vs 5.95 steps/s, 120 U-Net + text encoder steps each) and keeps both cores busy until 03's
-    # last two runs end (about 4% faster than two workers, measured on hosts of different speed).
-    # Chosen for `make reproduce` to take under 30 minutes (README, Profiles): about 34.8 min with an
-    # autoencoder of 2400 steps and LoRA and text-encoder runs of 800.
-    "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, base_vae_steps=1200,
+    # pretrained on 24 px patches (as good as 32 px patches in 2/3 of the time), 2400 steps of 16. After
+    # 1200 it reconstructs X-rays better (10.9 vs 12.0 grey levels), but fine-tunes on it draw them with
+    # a colour cast: FID 43.1 vs 12.4, pneumothorax side 0.42 vs 0.83 (README, Fine-tuning).
+    # Sampling: 10 steps (the same AUROC as 15). LoRA and the text encoder alone: 400 steps. The text
+    # encoder's validation loss has levelled off by then (0.488 at 400, 0.485 at 800); LoRA's has not
+    # (0.201, 0.189), but it drew no finding at 800 either. Downstream: 8 synthetic images per spec.
+    # Three worker processes of one thread each (03, 05): two give 1.4x the throughput of one process
+    # with two threads on 2 cores; a third gives the same throughput as two (6.05 vs 5.95 steps/s, 120
+    # U-Net + text encoder steps each) and keeps both cores busy until 03's last two runs end (about 4%
+    # faster than two workers, measured on hosts of different speed).
+    # Chosen for `make reproduce` to take under 30 minutes (README, Profiles): about 34.8 min with LoRA
+    # and text-encoder runs of 800 steps and VAE passes in batches of 64.
+    "demo": Config(profile="demo", n_images=6000, composed_reports=8000, image_size=64, base_vae_steps=2400,
                    base_vae_batch_size=16, base_vae_crop=24, base_steps=400, learning_rate=2e-3, max_steps=1600,
                    lora_max_steps=400, text_encoder_max_steps=400, batch_size=16, zero_terminal_snr=True, timestep_bias=8.0,
                    checkpoint_every=400, validation_every=200, sampling_steps=10, eval_prompts=24,
