@@ -448,8 +448,8 @@ PROFILES: dict[str, Config] = {
     # 1.00 / 0.84 at seeds 0-3, effusions unchanged (README, Evaluation; 2400 steps at 1e-3: 1.00, seed 0).
     # The base: 400 U-Net steps of 32 (500 of 16 left it using its captions far less); its autoencoder
     # pretrained on 24 px patches (as good as 32 px patches in 2/3 of the time), 2400 steps of 16. After
-    # 1200 it reconstructs X-rays better (10.9 vs 12.0 grey levels), but fine-tunes on it draw them with
-    # a colour cast: FID 43.1 vs 12.4, pneumothorax side 0.42 vs 0.83 (README, Fine-tuning).
+    # 1200 it reconstructs X-rays worse (10.9 vs 8.0 grey levels) and fine-tunes on it draw them with a
+    # colour cast: FID 43.1 vs 10.8, pneumothorax side 0.42 vs 0.71 (README, Fine-tuning).
     # Sampling: 10 steps (the same AUROC as 15). LoRA and the text encoder alone: 400 steps. The text
     # encoder's validation loss has levelled off by then (0.488 at 400, 0.485 at 800); LoRA's has not
     # (0.201, 0.189), but it drew no finding at 800 either. Downstream: 8 synthetic images per spec.
