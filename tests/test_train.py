@@ -95,7 +95,7 @@ def test_variant_runs_are_named_after_the_variant_and_prefixed_by_run_name(tiny_
 def test_text_encoder_alone_takes_its_own_step_count_unless_max_steps_is_set():
     def steps(**overrides):
         return {name: c.max_steps for name, c in train.variant_configs(config.resolve("demo", **overrides)).items()}
-    assert steps() == {"unet": 1600, "text_encoder": 800, "both": 1600}
+    assert steps() == {"unet": 1600, "text_encoder": 400, "both": 1600}
     assert steps(max_steps=100) == {"unet": 100, "text_encoder": 100, "both": 100}
     assert steps(max_steps=100, text_encoder_max_steps=50) == {"unet": 100, "text_encoder": 50, "both": 100}
     with pytest.raises(config.ConfigError, match="'text_encoder_max_steps' applies to full fine-tuning only"):
