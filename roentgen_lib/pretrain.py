@@ -63,7 +63,8 @@ def recipe_code() -> list[str]:
                  train.trained_models, train.batch_indices,
                  train.diffusion_loss, train.draw_timesteps, train.make_optimizer, train.step_generator, train.run_training,
                  general_scenes, pretraining_config, build_base)
-    constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, models.SCALING_SCENES, train.CAPTION_DROPOUT))
+    constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, models.SCALING_SCENES, models.VAE_BATCH_SIZE,
+                       train.CAPTION_DROPOUT))
     return [inspect.getsource(general), constants, *(inspect.getsource(f) for f in functions)]
 
 

@@ -46,7 +46,8 @@ from roentgen_lib.checkpoints import latest_checkpoint, load_state, read_checkpo
 from roentgen_lib.config import EVALUATION_FIELDS, SAMPLING_FIELDS, VARIANTS, Config
 from roentgen_lib.data.dataset import load as load_dataset
 from roentgen_lib.files import replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
-from roentgen_lib.models import Base, fused_adamw_available, images_to_tensor, load_base, sample_grid, save_base, weights_fingerprint
+from roentgen_lib.models import (VAE_BATCH_SIZE, Base, fused_adamw_available, images_to_tensor, load_base, sample_grid,
+                                 save_base, weights_fingerprint)
 from roentgen_lib.parallel import run_jobs
 from roentgen_lib.progress import library_progress_bars
 
@@ -103,13 +104,12 @@ def encode_text(text_encoder, input_ids: torch.Tensor, batch_size: int = 256) ->
 
 @torch.no_grad()
 def cache_pairs(base: Base, images: list[Image.Image], prompts: list[str], size: int,
-                cache_text: bool, batch_size: int = 16, progress: bool = True, cache_dir: Path | None = None) -> Pairs:
+                cache_text: bool, batch_size: int = VAE_BATCH_SIZE, progress: bool = True,
+                cache_dir: Path | None = None) -> Pairs:
     """Encode every image once with the frozen VAE (and prompts, if the text encoder is frozen).
 
     With `cache_dir`, latents are kept in a file named by the VAE's weights and the images' bytes,
-    so the runs of one notebook (and of later ones) encode each dataset once. Batches of 16 are 1.6x
-    faster per image than batches of 64 on 2 CPU cores (demo: 3.1 vs 4.9 ms); the latents agree to
-    float rounding (a last, smaller batch may round differently).
+    so the runs of one notebook (and of later ones) encode each dataset once.
     """
     cache = latent_cache_file(base.vae, images, size, cache_dir) if cache_dir is not None else None
     if cache is not None and cache.is_file():
