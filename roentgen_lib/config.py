@@ -69,6 +69,7 @@ class Config:
     data_workers: int = 0  # processes building the dataset's images (01); 0: one per CPU core
     # --- base model (notebooks 02-03) ---
     base_model: str | None = None  # diffusers folder or hub id; None: the project's base, built locally
+    base_dir: str | None = None  # where the project's base is built and cached; None: data/<profile>/base_model
     text_encoder: str | None = None  # local Hugging Face text model replacing CLIP (domain encoder)
     base_images: int = 4000  # general-domain scenes the project's base is pretrained on
     base_vae_steps: int = 300  # autoencoder pretraining steps of the project's base
@@ -168,7 +169,7 @@ class Config:
     def base_model_path(self) -> str:
         """The base model: a local folder (absolute) or a hub id, as given; else the project's base."""
         if self.base_model is None:
-            return str(project_path(f"data/{self.profile}/base_model"))
+            return str(project_path(self.base_dir or f"data/{self.profile}/base_model"))
         local = project_path(self.base_model)
         return str(local) if local.exists() or self.base_model.startswith((".", "/", "~")) else self.base_model
 
@@ -393,6 +394,9 @@ def check_conflicts(cfg: Config, chosen: set[str]) -> None:
                           "set method='lora' or drop it")
     if "text_encoder_max_steps" in chosen and cfg.method != "full":
         raise ConfigError(f"parameter 'text_encoder_max_steps' applies to full fine-tuning only, but method={cfg.method!r}")
+    if "base_dir" in chosen and cfg.base_model is not None:
+        raise ConfigError(f"parameter 'base_dir' names where the project's own base is built, but base_model="
+                          f"{cfg.base_model!r} is given; drop one of them")
     for name in ("mimic_root", "mimic_reports_root"):
         if name in chosen and cfg.data_source != "mimic":
             raise ConfigError(f"parameter {name!r} is set but data_source={cfg.data_source!r}; set data_source='mimic' "

@@ -288,7 +288,7 @@ def trained_state(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, tor
 # Fields that may change between a run and its resumption (they do not change what is trained).
 RESUMABLE_CHANGES = {"max_steps", "lora_max_steps", "text_encoder_max_steps", "worker_processes", "resume", "progress",
                      "data_workers", "validation_every", "checkpoint_every", "checkpoints_total_limit",
-                     "validation_prompts", "figures_dir", "run_name", "models_dir", "output_dir", "base_model",
+                     "validation_prompts", "figures_dir", "run_name", "models_dir", "output_dir", "base_model", "base_dir",
                      "full_variants", *SAMPLING_FIELDS, *EVALUATION_FIELDS}
 
 

@@ -71,6 +71,13 @@ def test_paths_are_taken_from_project_root():
     assert config.resolve("tiny").figures_path != config.PROJECT_ROOT / "figures"
 
 
+def test_base_dir_moves_the_projects_base_and_conflicts_with_a_given_base(tmp_path):
+    assert config.resolve("tiny").base_model_path == str(config.PROJECT_ROOT / "data" / "tiny" / "base_model")
+    assert config.resolve("tiny", base_dir=str(tmp_path / "b")).base_model_path == str(tmp_path / "b")
+    with pytest.raises(config.ConfigError, match="'base_dir' names where the project's own base is built"):
+        config.resolve("tiny", base_dir=str(tmp_path / "b"), base_model=str(tmp_path))
+
+
 def test_a_hub_id_is_not_taken_for_a_missing_folder():
     assert config.resolve("tiny", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").base_model_path == \
         "stable-diffusion-v1-5/stable-diffusion-v1-5"

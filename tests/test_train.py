@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,6 +191,16 @@ def test_two_processes_train_and_checkpoint(tiny_world, tmp_path):
     assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "ddp")] == [6, 12]
     assert (tmp_path / "ddp" / "pipeline" / "model_index.json").is_file()
     assert pretrain.base_exists(config.resolve("tiny", base_model=tiny_world.base_model))
+
+
+def test_a_base_built_into_base_dir_leaves_the_profiles_base_alone(tmp_path):
+    default = Path(config.resolve("tiny").base_model_path) / "base.json"
+    before = default.stat().st_mtime_ns if default.exists() else None
+    cfg = config.resolve("tiny", base_dir=str(tmp_path / "base"), base_images=8, base_vae_steps=1, base_steps=1,
+                         progress=False)
+    assert pretrain.build_base(cfg) == tmp_path / "base"
+    assert pretrain.base_exists(cfg) and (tmp_path / "base" / "base.json").is_file()
+    assert (default.stat().st_mtime_ns if default.exists() else None) == before
 
 
 def test_latents_are_encoded_once_per_vae_and_images(tiny_world, tmp_path, monkeypatch):
