@@ -569,9 +569,10 @@ def train_runs(configs: dict[str, Config], processes: int = 1) -> dict[str, Trai
     bars = {name: tqdm(total=cfg.max_steps, desc=f"train {cfg.run_path.name}", disable=not cfg.progress)
             for name, cfg in configs.items()}
     jobs = {name: (dataclasses.replace(cfg, progress=False),) for name, cfg in configs.items()}
+    started = time.time()
     try:
         return run_jobs(finetune, jobs, processes, cost={name: training_cost(cfg) for name, cfg in configs.items()},
-                        follow=functools.partial(follow_logs, configs, bars))
+                        follow=functools.partial(follow_logs, configs, bars, started))
     finally:
         for bar in bars.values():
             bar.close()
@@ -582,15 +583,21 @@ def training_cost(cfg: Config) -> int:
     return cfg.max_steps * (cfg.train_unet + cfg.train_text_encoder)
 
 
-def follow_logs(configs: dict[str, Config], bars: dict[str, tqdm]) -> None:
-    """Move each run's progress bar to the last step its log records."""
+def follow_logs(configs: dict[str, Config], bars: dict[str, tqdm], since: float) -> None:
+    """Move each run's progress bar to the last step its log, once rewritten after `since`, records.
+
+    A log older than `since` is the previous run's: a run started afresh (resume=False) or resumed
+    from an earlier checkpoint rewrites it first, and until then the bar would show that run's steps.
+    """
     for name, cfg in configs.items():
-        bars[name].update(logged_step(cfg.run_path) - bars[name].n)
+        bars[name].update(logged_step(cfg.run_path, since) - bars[name].n)
 
 
-def logged_step(run_dir: Path) -> int:
-    """The last step a run's `log.csv` records (0 when it has none yet)."""
+def logged_step(run_dir: Path, since: float = 0.0) -> int:
+    """The last step a run's `log.csv` records (0 when it has none yet, or none written after `since`)."""
     try:
+        if (run_dir / "log.csv").stat().st_mtime < since:
+            return 0
         with (run_dir / "log.csv").open("rb") as handle:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - 256))

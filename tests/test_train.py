@@ -81,6 +81,7 @@ def test_a_run_for_other_max_steps_is_set_aside_not_resumed(tiny_world):
     with pytest.warns(UserWarning, match=f"was trained for max_steps={tiny_world.max_steps}, not 6 .*moved it to steps.stale-1"):
         shorter = run(tiny_world, run_name="steps", max_steps=6)
     assert train.logged_step(shorter.run_dir) == 6 and shorter.seconds_per_step > 0  # trained afresh, to 6
+    assert train.logged_step(shorter.run_dir, since=(shorter.run_dir / "log.csv").stat().st_mtime + 1) == 0
     kept = weights(done.run_dir.with_name("steps.stale-1") / "pipeline")
     assert all(torch.equal(before[f][k], kept[f][k]) for f in before for k in before[f])
 
