@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from PIL import Image
+from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
@@ -235,7 +236,8 @@ def controllability_table(prediction: dict, truth: pd.DataFrame, **keys: str) ->
     An image counts as correct only when the judge also finds the finding in it (presence >= 0.5):
     where it is missing, the side and size heads would be reading a finding that is not there (a model
     that draws no small pneumothorax would otherwise score its size as "small" by chance). `present`
-    is the share of those images in which the finding was found.
+    is the share of those images in which the finding was found. `ci low` / `ci high`: the Wilson 95%
+    interval of the share, which says how far from a target a few dozen images can tell a model to be.
     """
     rows = []
     for k, finding in enumerate(LATERAL):
@@ -246,10 +248,26 @@ def controllability_table(prediction: dict, truth: pd.DataFrame, **keys: str) ->
             chosen = np.array(asked)[prediction[head][wanted, k][:, columns].argmax(axis=1)] if wanted.any() else []
             right = (chosen == truth[f"{finding} {head}"].to_numpy()[wanted]) & found[wanted]
             value = right.mean() if wanted.any() else float("nan")
+            low, high = wilson_interval(int(right.sum()), int(wanted.sum()))
             rows.append({**keys, "finding": finding, "metric": f"{head} correct ({' vs '.join(asked)})",
-                         "value": round(float(value), 4), "images": int(wanted.sum()),
+                         "value": round(float(value), 4), "ci low": low, "ci high": high, "images": int(wanted.sum()),
                          "present": round(float(found[wanted].mean()), 4) if wanted.any() else float("nan")})
     return pd.DataFrame(rows)
+
+
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a share (NaN, NaN without trials): it stays inside [0, 1] at 0 or all."""
+    if trials == 0:
+        return float("nan"), float("nan")
+    interval = binomtest(successes, trials).proportion_ci(level, method="wilson")
+    return round(float(interval.low), 4), round(float(interval.high), 4)
+
+
+def interval_table(rows: pd.DataFrame, index: list[str], columns: list[str]) -> pd.DataFrame:
+    """Rows with `value`, `ci low` and `ci high` pivoted into "0.71 (0.51-0.85)" cells, for reading at a glance."""
+    cells = rows.assign(cell=[f"{v:.2f} ({lo:.2f}-{hi:.2f})" if pd.notna(v) else "-"
+                              for v, lo, hi in zip(rows["value"], rows["ci low"], rows["ci high"])])
+    return cells.pivot_table(index=index, columns=columns, values="cell", aggfunc="first")
 
 
 # ---------------------------------------------------------------- fidelity (FID with three feature extractors)

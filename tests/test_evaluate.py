@@ -41,6 +41,21 @@ def test_alignment_and_controllability_count_what_they_should():
     control = evaluate.controllability_table(prediction, truth)
     assert control["value"].tolist() == [0.5, 0.5, 0.5, 0.5]
     assert control["present"].tolist() == [0.5, 0.5, 0.5, 0.5]  # the judge misses the finding in row 2
+    assert (control["ci low"] < 0.5).all() and (control["ci high"] > 0.5).all()  # 1 of 2: hardly known
+
+
+def test_wilson_interval_narrows_with_more_images_and_stays_in_bounds():
+    z, n, share = 1.959964, 24, 17 / 24  # Wilson's closed form
+    centre, half = (share + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    assert evaluate.wilson_interval(17, 24) == pytest.approx((centre - half, centre + half), abs=1e-4)
+    few, many = evaluate.wilson_interval(9, 10), evaluate.wilson_interval(90, 100)
+    assert many[1] - many[0] < few[1] - few[0] and few[0] < 0.9 < few[1]
+    assert evaluate.wilson_interval(0, 8)[0] == 0.0 and evaluate.wilson_interval(8, 8)[1] == 1.0
+    assert all(np.isnan(evaluate.wilson_interval(0, 0)))
+    rows = pd.DataFrame({"model": ["a", "a"], "finding": ["x", "y"], "value": [0.7083, float("nan")],
+                         "ci low": [0.5083, float("nan")], "ci high": [0.8509, float("nan")]})
+    table = evaluate.interval_table(rows, ["model"], ["finding"])
+    assert table.loc["a", "x"] == "0.71 (0.51-0.85)" and table.loc["a", "y"] == "-"
 
 
 def test_a_side_read_in_an_image_without_the_finding_is_not_correct():
