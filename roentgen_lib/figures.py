@@ -289,7 +289,7 @@ GUIDANCE_PANELS = {"FID (judge features)": ["FID (FindingNet (ours))"], "MS-SSIM
 
 
 def fig_guidance_sweep(table: pd.DataFrame) -> Figure:
-    """`evaluate.guidance_table` drawn: fidelity, diversity, side and size correct (with their targets) against guidance."""
+    """`experiments.guidance_table` drawn: fidelity, diversity, side and size correct (with their targets) against guidance."""
     return fig_sweep_lines(table, "guidance scale", GUIDANCE_PANELS, targets={"side correct": 0.9, "size correct": 0.8})
 
 

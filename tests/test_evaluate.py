@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from roentgen_lib import evaluate, sample
+from roentgen_lib import evaluate, experiments, sample
 from roentgen_lib.text import compose
 from roentgen_lib.text.labels import label_report
 
@@ -102,7 +102,7 @@ def test_presence_by_prompt_averages_each_prompt_and_names_what_it_asked():
         "image": [Image.fromarray(im) for im in images], "prompt": [p for p, _ in rows], "source": [s for _, s in rows],
         "intended": [json.dumps(label_report(p)) for p, _ in rows]})
     judge = evaluate.FindingNet().eval()
-    table = evaluate.presence_by_prompt(data, judge, 32)
+    table = experiments.presence_by_prompt(data, judge, 32)
     assert table.index.tolist() == prompts[:2]  # only the held-out set, in prompt order
     assert table["asked"].tolist() == ["Pleural Effusion", "none"]
     expected = evaluate.predict(judge, images[:4])["presence"].reshape(2, 2, -1).mean(axis=1)
@@ -205,7 +205,7 @@ def test_text_probe_reads_a_linearly_encoded_finding():
 
 def test_positives_subset_keeps_the_asked_number_of_positives():
     truth = pd.DataFrame({"Pneumothorax": [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]})
-    kept = evaluate.positives_subset(truth, "Pneumothorax", 2, seed=0)
+    kept = experiments.positives_subset(truth, "Pneumothorax", 2, seed=0)
     assert truth.loc[kept, "Pneumothorax"].sum() == 2 and {1, 4} <= set(kept)
 
 
@@ -216,10 +216,10 @@ def test_held_out_phrasings_are_read_as_findings(prompt):
 
 
 def test_evaluation_prompts_hold_three_sets_and_seen_phrasings_are_found(tiny_world):
-    prompts = evaluate.evaluation_prompts(tiny_world)
-    assert set(evaluate.prompt_set(prompts.source)) == set(evaluate.PROMPT_SETS)
+    prompts = experiments.evaluation_prompts(tiny_world)
+    assert set(experiments.prompt_set(prompts.source)) == set(experiments.PROMPT_SETS)
     assert len(prompts[prompts.source.str.startswith("test:")]) <= tiny_world.eval_prompts
-    seen = evaluate.seen_in_training(["small right pleural effusion.", "zebra"], ["Small right pleural effusion. No edema."])
+    seen = experiments.seen_in_training(["small right pleural effusion.", "zebra"], ["Small right pleural effusion. No edema."])
     assert seen["seen in training"].tolist() == [True, False]
 
 
@@ -227,7 +227,7 @@ def test_audit_of_a_saved_dataset_flags_training_images_saved_into_it(tiny_world
     """The audit runs on its own against any saved dataset: one holding training images is flagged."""
     train = datasets.load_from_disk(str(tiny_world.dataset_path))["train"]
     train.select(range(3)).select_columns(["image"]).save_to_disk(str(tmp_path / "leaky"))
-    audit = evaluate.audit_synthetic_dataset(tiny_world, tmp_path / "leaky")
+    audit = experiments.audit_synthetic_dataset(tiny_world, tmp_path / "leaky")
     assert len(audit) == 3 and audit["pixel flagged"].all() and (audit["pixel distance"] == 0).all()
 
 
@@ -256,27 +256,27 @@ class InvertingVAE(StandInVAE):
 
 def test_judge_learns_from_the_training_images_and_their_decodings_with_the_same_truth(tiny_world, monkeypatch):
     """Every synthetic image is a decoding of the base's VAE: the judge learns to read findings there too."""
-    real = evaluate.real_images(tiny_world)
+    real = experiments.real_images(tiny_world)
     shown = {}
-    monkeypatch.setattr(evaluate, "train_classifier", lambda images, truth, **options: shown.update(images=images, truth=truth))
-    evaluate.train_judge(tiny_world, real, InvertingVAE())
+    monkeypatch.setattr(experiments, "train_classifier", lambda images, truth, **options: shown.update(images=images, truth=truth))
+    experiments.train_judge(tiny_world, real, InvertingVAE())
     n = len(real.train)
     assert len(shown["images"]) == len(shown["truth"]) == 2 * n
     assert np.array_equal(shown["images"][:n], real.train)
     assert np.abs(shown["images"][n:].astype(int) - (255 - real.train.astype(int))).max() <= 1
     assert shown["truth"].iloc[n:].reset_index(drop=True).equals(real.train_truth)
-    evaluate.train_judge(tiny_world, real, None)
+    experiments.train_judge(tiny_world, real, None)
     assert np.array_equal(shown["images"], real.train)  # without a VAE: the real images alone
 
 
 def test_vae_ceiling_matches_the_judge_when_lossless_and_is_chance_when_it_erases(tiny_world):
     """'real through the VAE' scores what survives the autoencoder: everything, or nothing."""
-    real = evaluate.real_images(tiny_world)
-    judge = evaluate.train_judge(tiny_world, real, StandInVAE(erase=False))
+    real = experiments.real_images(tiny_world)
+    judge = experiments.train_judge(tiny_world, real, StandInVAE(erase=False))
     extractors = evaluate.feature_extractors(judge, None)
 
     def ceiling(erase: bool) -> pd.Series:
-        rows = evaluate.real_reference_rows(tiny_world, real, judge, extractors, vae=StandInVAE(erase))
+        rows = experiments.real_reference_rows(tiny_world, real, judge, extractors, vae=StandInVAE(erase))
         auroc = rows[rows.metric == "AUROC"].pivot_table(index="finding", columns="model", values="value")
         return auroc["real through the VAE"], auroc["real (judge on test set)"]
 
@@ -287,9 +287,9 @@ def test_vae_ceiling_matches_the_judge_when_lossless_and_is_chance_when_it_erase
 
 
 def test_ceiling_examples_show_test_images_of_each_side_and_size_their_reconstruction_and_the_model(tiny_world):
-    real = evaluate.real_images(tiny_world)
+    real = experiments.real_images(tiny_world)
     model = sample.load_model(tiny_world, "base")
-    rows, prompts = evaluate.ceiling_examples(tiny_world, real, StandInVAE(erase=False), model, seeds=(0,))
+    rows, prompts = experiments.ceiling_examples(tiny_world, real, StandInVAE(erase=False), model, seeds=(0,))
     assert prompts == [compose.negated_prompt("Pneumothorax", side, size) for size in ("small", "large") for side in ("left", "right")]
     shown = rows["real (test set)"]
     assert np.abs(rows["real through the frozen VAE"].astype(int) - shown).max() <= 1  # a lossless stand-in
@@ -300,7 +300,7 @@ def test_ceiling_examples_show_test_images_of_each_side_and_size_their_reconstru
         assert any(np.array_equal(image, real.test[k]) for k in matching)
     no_sides = dataclasses.replace(real, test_truth=truth.assign(**{"Pneumothorax side": None}))
     with pytest.raises(ValueError, match="no Pneumothorax with a stated side and size"):
-        evaluate.ceiling_examples(tiny_world, no_sides, StandInVAE(erase=False), model)
+        experiments.ceiling_examples(tiny_world, no_sides, StandInVAE(erase=False), model)
 
 
 def test_presence_only_truth_hides_side_and_size_but_keeps_presence():
@@ -343,10 +343,10 @@ def test_guidance_sweep_scores_the_side_drawn_at_each_scale(tiny_world, monkeypa
         size[:, :, 2] = 1.0
         return {"presence": np.ones((len(images), len(evaluate.FINDINGS))), "side": side, "size": size}
 
-    monkeypatch.setattr(evaluate, "generate", draw)
-    monkeypatch.setattr(evaluate, "predict", read)
+    monkeypatch.setattr(experiments, "generate", draw)
+    monkeypatch.setattr(experiments, "predict", read)
     model = SimpleNamespace(name="stand-in")
-    table = evaluate.guidance_table(tiny_world, model, evaluate.FindingNet()).set_index(["guidance scale", "metric"]).value
+    table = experiments.guidance_table(tiny_world, model, evaluate.FindingNet()).set_index(["guidance scale", "metric"]).value
     assert tiny_world.guidance_sweep == "1,4"
     for finding in evaluate.LATERAL:
         assert table[(4.0, f"{finding} side correct")] == 1.0
