@@ -231,11 +231,20 @@ def timing_summary(results: dict) -> pd.DataFrame:
 
 def fig_metric_bars(rows: pd.DataFrame, x: str, hue: str, ylabel: str, title: str = "",
                     target: float | None = None) -> Figure:
-    """Bars of the `value` of tidy result rows (mean and, over several seeds, the standard deviation)."""
+    """Bars of the `value` of tidy result rows: the mean and, over several seeds, the standard deviation.
+
+    Rows with one value per bar and a `ci low` / `ci high` interval (a share's Wilson interval) show
+    that interval instead: a single run's share of a few dozen images is known only that well.
+    """
     rows = rows.dropna(subset=["value"])
     fig = Figure(figsize=(max(6.0, 1.4 * rows[x].nunique() + 2), 3.8))
     ax = fig.add_subplot(1, 1, 1)
-    sns.barplot(data=rows, x=x, y="value", hue=hue, errorbar="sd", ax=ax)
+    order, hue_order = list(rows[x].unique()), list(rows[hue].unique())
+    intervals = {"ci low", "ci high"} <= set(rows.columns) and not rows.duplicated([x, hue]).any()
+    sns.barplot(data=rows, x=x, y="value", hue=hue, order=order, hue_order=hue_order,
+                errorbar=None if intervals else "sd", ax=ax)
+    if intervals:
+        draw_intervals(ax, rows, x, hue, order, hue_order)
     if target is not None:
         ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target}")
     ax.set(ylabel=ylabel, xlabel="", title=title or ylabel)
@@ -244,6 +253,16 @@ def fig_metric_bars(rows: pd.DataFrame, x: str, hue: str, ylabel: str, title: st
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def draw_intervals(ax, rows: pd.DataFrame, x: str, hue: str, order: list, hue_order: list) -> None:
+    """Error bars from each row's `ci low` to `ci high` on the bar seaborn drew for its (x, hue)."""
+    bounds = {(r[x], r[hue]): (r["ci low"], r["ci high"]) for _, r in rows.iterrows()}
+    for level, container in zip(hue_order, ax.containers):
+        for category, bar in zip(order, container):
+            low, high = bounds.get((category, level), (np.nan, np.nan))
+            if np.isfinite(low) and np.isfinite(high):
+                ax.vlines(bar.get_x() + bar.get_width() / 2, low, high, color="black", linewidth=1.2)
 
 
 def fig_presence_by_prompt(table: pd.DataFrame, title: str = "") -> Figure:
