@@ -249,8 +249,8 @@ def fig_metric_bars(rows: pd.DataFrame, x: str, hue: str, ylabel: str, title: st
         ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target}")
     ax.set(ylabel=ylabel, xlabel="", title=title or ylabel)
     ax.tick_params(axis="x", labelsize=8)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: inside, it hid the bars of low values
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
