@@ -194,13 +194,13 @@ def predict(net: FindingNet, images: np.ndarray, batch_size: int = 256) -> dict[
             "size": joined["size"].softmax(-1).numpy(), "features": joined["features"].numpy()}
 
 
-def alignment_table(prediction: dict, truth: pd.DataFrame, **keys: str) -> pd.DataFrame:
+def alignment_table(prediction: dict, truth: pd.DataFrame, metric: str = "AUROC", **keys: str) -> pd.DataFrame:
     """AUROC per finding of predicted presence against the truth (NaN when a class is missing)."""
     rows = []
     for k, finding in enumerate(FINDINGS):
         y = truth[finding].to_numpy()
         value = roc_auc_score(y, prediction["presence"][:, k]) if 0 < y.sum() < len(y) else float("nan")
-        rows.append({**keys, "finding": finding, "metric": "AUROC", "value": round(float(value), 4),
+        rows.append({**keys, "finding": finding, "metric": metric, "value": round(float(value), 4),
                      "positives": int(y.sum()), "negatives": int(len(y) - y.sum())})
     return pd.DataFrame(rows)
 
@@ -285,6 +285,33 @@ class XrvFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grey = images.float().mean(dim=1, keepdim=True) / 255.0 * 2048.0 - 1024.0
         return self.model.features2(nn.functional.interpolate(grey, size=224, mode="bilinear", align_corners=False))
+
+    @torch.no_grad()
+    def presence(self, images: np.ndarray) -> np.ndarray:
+        """The DenseNet's score (logit) for each of `FINDINGS` in uint8 grey images, (N, len(FINDINGS))."""
+        import torchxrayvision as xrv
+
+        columns = [xrv.datasets.default_pathologies.index(XRV_PATHOLOGY.get(f, f)) for f in FINDINGS]
+        scores = [self.model.classifier(self(batch))[:, columns] for batch in rgb_batches(images, 64)]
+        return torch.cat(scores).numpy() if scores else np.zeros((0, len(FINDINGS)), np.float32)
+
+
+XRV_PATHOLOGY = {"Pleural Effusion": "Effusion"}  # findings torchxrayvision names otherwise
+XRV_ALIGNMENT = "AUROC (XRV DenseNet)"
+
+
+def pretrained_alignment_table(extractor: nn.Module | str, images: np.ndarray, truth: pd.DataFrame, **keys) -> pd.DataFrame:
+    """AUROC per finding as torchxrayvision's pretrained DenseNet reads `images`, a second judge trained on
+    real chest X-rays (MIMIC, CheXpert, NIH and more), or one row saying why it is unavailable."""
+    if isinstance(extractor, str):
+        return pd.DataFrame([{**keys, "metric": XRV_ALIGNMENT, "value": float("nan"), "note": extractor}])
+    return alignment_table({"presence": extractor.presence(images)}, truth, metric=XRV_ALIGNMENT, **keys)
+
+
+def unavailable_metrics(results: pd.DataFrame) -> pd.Series:
+    """Each metric of a results table that could not be computed (weights absent, say), with the reason."""
+    noted = results[results.get("note", pd.Series(dtype=object)).fillna("").astype(bool)]
+    return noted.drop_duplicates("metric").set_index("metric")["note"]
 
 
 INCEPTION_UNAVAILABLE = ("Inception-v3 FID weights are a pickled download (torch-fidelity); this project runs offline "

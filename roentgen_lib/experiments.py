@@ -39,7 +39,7 @@ from roentgen_lib.data.phantom import render_prompts, render_size
 from roentgen_lib.evaluate import (FINDINGS, ClassifierFeatures, FindingNet, alignment_table, controllability_table,
                                    diversity_table, downstream_table, fid_table, frechet_distance, images_array,
                                    labels_of_row, memorization_audit, memorization_summary, predict, presence_only,
-                                   probe_table, text_embeddings, through_vae, train_classifier, truth_of_labels,
+                                   pretrained_alignment_table, probe_table, text_embeddings, through_vae, train_classifier, truth_of_labels,
                                    truth_of_reports, truth_table)
 from roentgen_lib.files import write_file_atomic, write_json_atomic
 from roentgen_lib.models import Base
@@ -218,6 +218,8 @@ def score_model(cfg: Config, name: str, data: datasets.Dataset, judge: FindingNe
         rows = sets == chosen
         subset = {k: v[rows] for k, v in prediction.items()}
         tables.append(alignment_table(subset, truth[rows].reset_index(drop=True), model=name, prompts=chosen))
+        tables.append(pretrained_alignment_table(extractors["XRV DenseNet"], images[rows], truth[rows].reset_index(drop=True),
+                                                 model=name, prompts=chosen))
         if chosen != "test":
             tables.append(controllability_table(subset, truth[rows].reset_index(drop=True), model=name, prompts=chosen))
     test_rows = sets == "test"
@@ -231,7 +233,7 @@ def score_model(cfg: Config, name: str, data: datasets.Dataset, judge: FindingNe
 
 def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extractors: dict[str, nn.Module | str],
                         vae=None) -> pd.DataFrame:
-    """The same metrics on real images: the judge's AUROC on the test set, real diversity, a real-vs-real FID.
+    """The same metrics on real images: the judges' AUROC on the test set, real diversity, a real-vs-real FID.
 
     With the base's `vae`, the judge also scores the test set encoded and decoded by it: the ceiling
     of any fine-tune that keeps this VAE frozen (a finding the VAE erases cannot be generated).
@@ -247,6 +249,8 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
           for name, prediction in judged.items() for table in (alignment_table, controllability_table)),
         fid_table(extractors, test, validation, model="real (test vs validation)", prompts="test"),
         diversity_table(test, label_groups(truth_table(data["test"])), model="real (same labels)", prompts="test"),
+        pretrained_alignment_table(extractors["XRV DenseNet"], real.test, real.test_truth, model="real (judge on test set)",
+                                   prompts="test"),
     ], ignore_index=True)
 
 

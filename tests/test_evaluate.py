@@ -167,6 +167,42 @@ def test_xrv_features_read_a_local_safetensors_densenet(tmp_path):
         evaluate.XrvFeatures(weights)
 
 
+
+def test_pretrained_classifier_scores_each_finding_with_its_own_pathology_output(tmp_path, monkeypatch):
+    import torchxrayvision as xrv
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "densenet.safetensors"
+    save_file({k: v.contiguous() for k, v in xrv.models.DenseNet(weights=None).state_dict().items()}, str(weights))
+    judge = evaluate.feature_extractors(evaluate.FindingNet(), weights)["XRV DenseNet"]
+    # a transparent stand-in for the DenseNet's features: each one is the image's mean (scaled) grey level
+    monkeypatch.setattr(judge.model, "features2", lambda x: x.mean(dim=(1, 2, 3))[:, None].expand(-1, 1024))
+    with torch.no_grad():
+        judge.model.classifier.weight.zero_()
+        judge.model.classifier.bias.zero_()
+        judge.model.classifier.weight[xrv.datasets.default_pathologies.index("Effusion")] = 1.0  # bright: effusion
+    images = np.concatenate([np.full((4, 32, 32), 40, np.uint8), np.full((4, 32, 32), 200, np.uint8)])
+    truth = pd.DataFrame({f: 0.0 for f in evaluate.FINDINGS}, index=range(8))
+    truth["Pleural Effusion"] = [0.0] * 4 + [1.0] * 4
+    truth["Pneumothorax"] = [1.0, 0.0] * 4
+    table = evaluate.pretrained_alignment_table(judge, images, truth, model="m").set_index("finding")
+    assert set(table.metric) == {"AUROC (XRV DenseNet)"}
+    assert table.loc["Pleural Effusion", "value"] == 1.0  # read from the "Effusion" output, not another
+    assert table.loc["Pneumothorax", "value"] == 0.5  # its output is flat
+    assert np.isnan(table.loc["Cardiomegaly", "value"])  # no positive image
+    truth["Pleural Effusion"] = 1.0 - truth["Pleural Effusion"]
+    flipped = evaluate.pretrained_alignment_table(judge, images, truth, model="m").set_index("finding")
+    assert flipped.loc["Pleural Effusion", "value"] == 0.0
+
+
+def test_pretrained_classifier_without_weights_gives_one_row_with_the_reason(tmp_path):
+    reason = evaluate.feature_extractors(evaluate.FindingNet(), tmp_path / "missing.safetensors")["XRV DenseNet"]
+    table = evaluate.pretrained_alignment_table(reason, noise_images(4, 0), pd.DataFrame(), model="m", prompts="test")
+    assert len(table) == 1 and np.isnan(table.value[0]) and "no torchxrayvision DenseNet weights" in table.note[0]
+    fid = evaluate.fid_table({"ours": PooledPixels(), "theirs": "not here"}, noise_images(4, 1), noise_images(4, 2), model="m")
+    reasons = evaluate.unavailable_metrics(pd.concat([table, fid], ignore_index=True))
+    assert reasons.to_dict() == {"AUROC (XRV DenseNet)": table.note[0], "FID (theirs)": "not here"}
+
 def test_ms_ssim_is_one_for_copies_and_low_for_noise():
     copies = np.repeat(noise_images(1, 0, 64), 4, axis=0)
     assert evaluate.mean_pairwise_ms_ssim(copies) == pytest.approx(1.0, abs=1e-4)
