@@ -38,7 +38,7 @@ SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scal
                    "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts",
                    "synthetic_split_prompts", "guidance_sweep", "steps_sweep", "edit_strength")
 # Fields read only by evaluation (05): changing them never changes what training produces.
-EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "classifier_epochs", "judge_blur", "downstream_seeds",
+EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "inception_weights", "classifier_epochs", "judge_blur", "downstream_seeds",
                      "downstream_images_per_prompt", "eval_references", "evaluation_dir")
 # Which components a full fine-tune adapts: (train_unet, train_text_encoder).
 VARIANTS = {"unet": (True, False), "text_encoder": (False, True), "both": (True, True)}
@@ -136,6 +136,7 @@ class Config:
     eval_models: str = "all"  # comma list of models scored ("base" or run folder names), or "all"
     eval_prompts: int = 48  # test-split report prompts drawn per model for fidelity and diversity
     xrv_weights: str | None = None  # local safetensors of torchxrayvision's DenseNet-121 (FID-XRV); None: unavailable
+    inception_weights: str | None = None  # local safetensors of FID's Inception-v3 (torch-fidelity's); None: unavailable
     classifier_epochs: int = 12  # epochs of each finding-classifier training (judge and downstream)
     # The judge scores images decoded by an autoencoder that smooths fine texture; trained on sharp images
     # only, it reads that smoothing as "no finding". Blurring half its training batches (Gaussian, sigma up

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -314,23 +315,44 @@ def unavailable_metrics(results: pd.DataFrame) -> pd.Series:
     return noted.drop_duplicates("metric").set_index("metric")["note"]
 
 
-INCEPTION_UNAVAILABLE = ("Inception-v3 FID weights are a pickled download (torch-fidelity); this project runs offline "
-                         "and loads safetensors only")
+def inception_features(weights: Path) -> nn.Module:
+    """FID's own Inception-v3 (torch-fidelity's port of the 2015 TensorFlow weights, as torchmetrics uses
+    it) from a local safetensors file: its 2048 pooled features make FIDs comparable with published ones."""
+    from safetensors.torch import load_file
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    state = load_file(str(weights))
+    with tempfile.TemporaryDirectory() as folder:
+        # torch-fidelity builds the network only from a torch (pickle) file: it gets one this process
+        # wrote from the safetensors tensors into a private folder; nothing pickled elsewhere is read
+        path = Path(folder) / "inception.pt"
+        torch.save(state, path)
+        try:
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path=str(path))
+        except RuntimeError as error:
+            raise ValueError(f"{weights} does not hold torch-fidelity's Inception-v3 FID weights "
+                             f"({str(error).splitlines()[0]})") from None
 
 
-def feature_extractors(net: FindingNet, xrv_weights: str | Path | None) -> dict[str, nn.Module | str]:
+def weights_problem(path: str | Path | None, what: str, field: str) -> str | None:
+    """Why the local weights file `path` cannot be used (absent, or a pickle), or None when it can."""
+    if path is None or not Path(path).is_file():
+        return f"no {what} weights at {path} (set {field} to a local safetensors file)"
+    if Path(path).suffix in PICKLE_SUFFIXES:
+        return f"{path} is a pickled file, never loaded here (unpickling can run code); convert it to safetensors where you trust it"
+    return None
+
+
+def feature_extractors(net: FindingNet, xrv_weights: str | Path | None,
+                       inception_weights: str | Path | None = None) -> dict[str, nn.Module | str]:
     """FID feature extractors by name, or the reason one is unavailable (never a stand-in number)."""
-    extractors: dict[str, nn.Module | str] = {"Inception-v3": INCEPTION_UNAVAILABLE}
-    if xrv_weights is None or not Path(xrv_weights).is_file():
-        extractors["XRV DenseNet"] = (f"no torchxrayvision DenseNet weights at {xrv_weights} (set xrv_weights to a "
-                                      "local safetensors file)")
-    elif Path(xrv_weights).suffix in PICKLE_SUFFIXES:
-        extractors["XRV DenseNet"] = (f"{xrv_weights} is a pickled file, never loaded here (unpickling can run code); "
-                                      "convert it to safetensors where you trust it")
-    else:
-        extractors["XRV DenseNet"] = XrvFeatures(Path(xrv_weights))
-    extractors["FindingNet (ours)"] = ClassifierFeatures(net)
-    return extractors
+    inception = weights_problem(inception_weights, "Inception-v3 FID (torch-fidelity's weights-inception-2015-12-05)",
+                                "inception_weights")
+    xrv = weights_problem(xrv_weights, "torchxrayvision DenseNet", "xrv_weights")
+    return {"Inception-v3": inception or inception_features(Path(inception_weights)),
+            "XRV DenseNet": xrv or XrvFeatures(Path(xrv_weights)),
+            "FindingNet (ours)": ClassifierFeatures(net)}
 
 
 def rgb_batches(images: np.ndarray, batch_size: int = 256) -> Iterator[torch.Tensor]:

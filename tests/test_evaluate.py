@@ -145,12 +145,33 @@ def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift():
 def test_unavailable_feature_extractors_give_a_reason_not_a_number(tmp_path):
     extractors = evaluate.feature_extractors(evaluate.FindingNet().eval(), tmp_path / "missing.safetensors")
     table = evaluate.fid_table(extractors, noise_images(8, 0), noise_images(8, 1), model="m").set_index("metric")
-    assert np.isnan(table.loc["FID (Inception-v3)", "value"]) and "pickled" in table.loc["FID (Inception-v3)", "note"]
+    assert np.isnan(table.loc["FID (Inception-v3)", "value"]) and "inception_weights" in table.loc["FID (Inception-v3)", "note"]
     assert np.isnan(table.loc["FID (XRV DenseNet)", "value"]) and "missing.safetensors" in table.loc["FID (XRV DenseNet)", "note"]
     assert np.isfinite(table.loc["FID (FindingNet (ours))", "value"])
     (tmp_path / "densenet.pth").write_bytes(b"not opened")
-    pickled = evaluate.feature_extractors(evaluate.FindingNet().eval(), tmp_path / "densenet.pth")["XRV DenseNet"]
-    assert isinstance(pickled, str) and "pickled file, never loaded" in pickled
+    pickled = evaluate.feature_extractors(evaluate.FindingNet().eval(), tmp_path / "densenet.pth", tmp_path / "densenet.pth")
+    assert all(isinstance(pickled[k], str) and "pickled file, never loaded" in pickled[k] for k in ("XRV DenseNet", "Inception-v3"))
+
+
+def test_inception_features_load_fids_inception_from_a_local_safetensors_file(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    from safetensors.torch import save_file
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    # a randomly initialised stand-in of the same architecture (the real weights are a download)
+    monkeypatch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {})
+    monkeypatch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    torch.manual_seed(0)
+    stand_in = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+    monkeypatch.undo()
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in stand_in.state_dict().items()}, str(weights))
+    extractor = evaluate.feature_extractors(evaluate.FindingNet(), None, weights)["Inception-v3"]
+    batch = next(evaluate.rgb_batches(noise_images(2, 0)))
+    assert torch.equal(extractor(batch), stand_in(batch)) and extractor(batch).shape == (2, 2048)
+    save_file({"x": torch.zeros(1)}, str(weights))
+    with pytest.raises(ValueError, match="does not hold torch-fidelity's Inception-v3 FID weights"):
+        evaluate.inception_features(weights)
 
 
 def test_xrv_features_read_a_local_safetensors_densenet(tmp_path):
