@@ -206,6 +206,22 @@ def alignment_table(prediction: dict, truth: pd.DataFrame, metric: str = "AUROC"
     return pd.DataFrame(rows)
 
 
+CONTROL_QUESTIONS = (("side", SIDES, ("left", "right")), ("size", SIZES, ("small", "large")))
+NOT_FOUND = "not found"
+
+
+def read_control(prediction: dict, truth: pd.DataFrame, finding: str, head: str, names: tuple[str, ...],
+                 asked: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of the images whose prompt asks for one of `asked` (a side or size of `finding`): what was asked,
+    what the judge reads (the likelier of `asked`, or "not found" where it finds no `finding`), and
+    whether it found the finding."""
+    wanted = truth[f"{finding} {head}"].isin(asked).to_numpy()
+    found = prediction["presence"][wanted, FINDINGS.index(finding)] >= 0.5
+    columns = [names.index(a) for a in asked]
+    chosen = np.array(asked)[prediction[head][wanted, LATERAL.index(finding)][:, columns].argmax(axis=1)]
+    return truth[f"{finding} {head}"].to_numpy()[wanted], np.where(found, chosen, NOT_FOUND), found
+
+
 def controllability_table(prediction: dict, truth: pd.DataFrame, **keys: str) -> pd.DataFrame:
     """Side accuracy (left vs right) and size accuracy (small vs large) where the truth names them.
 
@@ -216,18 +232,28 @@ def controllability_table(prediction: dict, truth: pd.DataFrame, **keys: str) ->
     interval of the share, which says how far from a target a few dozen images can tell a model to be.
     """
     rows = []
-    for k, finding in enumerate(LATERAL):
-        found = prediction["presence"][:, FINDINGS.index(finding)] >= 0.5
-        for head, names, asked in (("side", SIDES, ("left", "right")), ("size", SIZES, ("small", "large"))):
-            wanted = truth[f"{finding} {head}"].isin(asked).to_numpy()
-            columns = [names.index(a) for a in asked]
-            chosen = np.array(asked)[prediction[head][wanted, k][:, columns].argmax(axis=1)] if wanted.any() else []
-            right = (chosen == truth[f"{finding} {head}"].to_numpy()[wanted]) & found[wanted]
-            value = right.mean() if wanted.any() else float("nan")
-            low, high = wilson_interval(int(right.sum()), int(wanted.sum()))
+    for finding in LATERAL:
+        for head, names, asked in CONTROL_QUESTIONS:
+            requested, read, found = read_control(prediction, truth, finding, head, names, asked)
+            right, n = read == requested, len(requested)
+            low, high = wilson_interval(int(right.sum()), n)
             rows.append({**keys, "finding": finding, "metric": f"{head} correct ({' vs '.join(asked)})",
-                         "value": round(float(value), 4), "ci low": low, "ci high": high, "images": int(wanted.sum()),
-                         "present": round(float(found[wanted].mean()), 4) if wanted.any() else float("nan")})
+                         "value": round(float(right.mean()), 4) if n else float("nan"), "ci low": low, "ci high": high,
+                         "images": n, "present": round(float(found.mean()), 4) if n else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def confusion_table(prediction: dict, truth: pd.DataFrame, **keys: str) -> pd.DataFrame:
+    """What the prompts asked against what the judge reads, per finding and question (side, size): one
+    row per asked x read with its image count. The diagonal's sum over the table's total is
+    `controllability_table`'s share; the "not found" column shows how much of a miss is a finding not
+    drawn at all."""
+    rows = []
+    for finding in LATERAL:
+        for head, names, asked in CONTROL_QUESTIONS:
+            requested, read, _ = read_control(prediction, truth, finding, head, names, asked)
+            rows += [{**keys, "finding": finding, "question": head, "asked": a, "read": r,
+                      "images": int(((requested == a) & (read == r)).sum())} for a in asked for r in (*asked, NOT_FOUND)]
     return pd.DataFrame(rows)
 
 
@@ -311,17 +337,21 @@ def pretrained_alignment_table(extractor: nn.Module | str, images: np.ndarray, t
 
 def unavailable_metrics(results: pd.DataFrame) -> pd.Series:
     """Each metric of a results table that could not be computed (weights absent, say), with the reason."""
-    noted = results[results.get("note", pd.Series(dtype=object)).fillna("").astype(bool)]
+    noted = results[results.get("note", pd.Series("", index=results.index)).fillna("").astype(bool)]
     return noted.drop_duplicates("metric").set_index("metric")["note"]
 
 
 def inception_features(weights: Path) -> nn.Module:
     """FID's own Inception-v3 (torch-fidelity's port of the 2015 TensorFlow weights, as torchmetrics uses
     it) from a local safetensors file: its 2048 pooled features make FIDs comparable with published ones."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as error:
+        raise ValueError(f"{weights} is not a readable safetensors file ({error})") from None
     with tempfile.TemporaryDirectory() as folder:
         # torch-fidelity builds the network only from a torch (pickle) file: it gets one this process
         # wrote from the safetensors tensors into a private folder; nothing pickled elsewhere is read

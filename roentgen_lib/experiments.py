@@ -36,7 +36,8 @@ from roentgen_lib.config import Config, number_list
 from roentgen_lib.data.dataset import load as load_real
 from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render_prompts, render_size
-from roentgen_lib.evaluate import (FINDINGS, ClassifierFeatures, FindingNet, alignment_table, controllability_table,
+from roentgen_lib.evaluate import (FINDINGS, ClassifierFeatures, FindingNet, alignment_table, confusion_table,
+                                   controllability_table,
                                    diversity_table, downstream_table, fid_table, frechet_distance, images_array,
                                    labels_of_row, memorization_audit, memorization_summary, predict, presence_only,
                                    pretrained_alignment_table, probe_table, text_embeddings, through_vae, train_classifier, truth_of_labels,
@@ -83,6 +84,11 @@ def held_out_prompts() -> pd.DataFrame:
 def prompt_set(sources) -> np.ndarray:
     """The prompt set of each row from its `source` ("test:<id>" -> "test")."""
     return np.array([s.split(":")[0] for s in sources])
+
+
+def prompt_set_rows(data: datasets.Dataset, prompts: str) -> datasets.Dataset:
+    """The rows of a synthetic dataset drawn for one prompt set."""
+    return data.select(np.flatnonzero(prompt_set(data["source"]) == prompts))
 
 
 def seen_in_training(prompts: list[str], train_prompts: list[str]) -> pd.DataFrame:
@@ -249,8 +255,8 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
           for name, prediction in judged.items() for table in (alignment_table, controllability_table)),
         fid_table(extractors, test, validation, model="real (test vs validation)", prompts="test"),
         diversity_table(test, label_groups(truth_table(data["test"])), model="real (same labels)", prompts="test"),
-        pretrained_alignment_table(extractors["XRV DenseNet"], real.test, real.test_truth, model="real (judge on test set)",
-                                   prompts="test"),
+        pretrained_alignment_table(extractors["XRV DenseNet"], real.test, real.test_truth,
+                                   model="real (XRV DenseNet on test set)", prompts="test"),
     ], ignore_index=True)
 
 
@@ -447,13 +453,20 @@ def presence_by_prompt(data: datasets.Dataset, judge: FindingNet, size: int, pro
     An AUROC over a prompt set hides which phrasing failed: this shows whether a model drew a finding
     it was not asked for (a negation read as a mention) or left out one it was asked for.
     """
-    data = data.select(np.flatnonzero(prompt_set(data["source"]) == prompts))
+    data = prompt_set_rows(data, prompts)
     presence = pd.DataFrame(predict(judge, images_array(data, size))["presence"], columns=FINDINGS)
     presence.insert(0, "prompt", data["prompt"])
     table = presence.groupby("prompt", sort=False).mean()
     asked = truth_table(data).assign(prompt=data["prompt"]).groupby("prompt", sort=False)[list(FINDINGS)].max()
     table.insert(0, "asked", ["; ".join(f for f in FINDINGS if asked.loc[p, f] == 1.0) or "none" for p in table.index])
     return table
+
+
+def confusion_by_prompt_set(data: datasets.Dataset, judge: FindingNet, size: int,
+                            prompts: str = "report language") -> pd.DataFrame:
+    """The side and size confusion tables of one model's images for one prompt set (`confusion_table`)."""
+    data = prompt_set_rows(data, prompts)
+    return confusion_table(predict(judge, images_array(data, size)), truth_table(data), prompts=prompts)
 
 
 def audit_synthetic_dataset(cfg: Config, path: str | Path, judge: FindingNet | None = None) -> pd.DataFrame:

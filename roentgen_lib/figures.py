@@ -281,6 +281,25 @@ def fig_presence_by_prompt(table: pd.DataFrame, title: str = "") -> Figure:
     return fig
 
 
+def fig_confusion(table: pd.DataFrame, title: str = "") -> Figure:
+    """One heatmap per finding (rows) and question (columns): prompts' asks against the judge's reading,
+    coloured by the share of each ask, annotated with image counts."""
+    findings, questions = list(dict.fromkeys(table.finding)), list(dict.fromkeys(table.question))
+    fig = Figure(figsize=(3.8 * len(questions), 2.3 * len(findings) + 0.4))
+    for i, finding in enumerate(findings):
+        for j, question in enumerate(questions):
+            cells = table[(table.finding == finding) & (table.question == question)]
+            counts = cells.pivot(index="asked", columns="read", values="images").loc[
+                list(dict.fromkeys(cells.asked)), list(dict.fromkeys(cells.read))]
+            shares = counts.div(counts.sum(axis=1).replace(0, np.nan), axis=0)
+            ax = fig.add_subplot(len(findings), len(questions), i * len(questions) + j + 1)
+            sns.heatmap(shares, vmin=0, vmax=1, cmap="rocket_r", annot=counts, fmt="d", cbar=False, ax=ax)
+            ax.set(title=f"{finding}: {question}", xlabel="judge reads", ylabel="prompt asks")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def fig_sweep_lines(table: pd.DataFrame, x: str, panels: dict[str, list[str]], targets: dict[str, float] | None = None) -> Figure:
     """One panel per entry of `panels` (title: metrics drawn as lines) against a swept setting.
 

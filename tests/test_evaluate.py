@@ -42,6 +42,12 @@ def test_alignment_and_controllability_count_what_they_should():
     assert control["value"].tolist() == [0.5, 0.5, 0.5, 0.5]
     assert control["present"].tolist() == [0.5, 0.5, 0.5, 0.5]  # the judge misses the finding in row 2
     assert (control["ci low"] < 0.5).all() and (control["ci high"] > 0.5).all()  # 1 of 2: hardly known
+    confusion = evaluate.confusion_table(prediction, truth).set_index(["finding", "question", "asked", "read"]).images
+    for f in evaluate.LATERAL:
+        for question, asked in (("side", "left"), ("size", "small")):
+            assert confusion[f, question, asked, asked] == 1  # read as asked, and found
+        assert confusion[f, "side", "right", "not found"] == 1 and confusion[f, "size", "large", "not found"] == 1
+        assert confusion[f].sum() == 4  # each asked image counted once per question
 
 
 def test_wilson_interval_narrows_with_more_images_and_stays_in_bounds():
@@ -56,6 +62,22 @@ def test_wilson_interval_narrows_with_more_images_and_stays_in_bounds():
                          "ci low": [0.5083, float("nan")], "ci high": [0.8509, float("nan")]})
     table = evaluate.interval_table(rows, ["model"], ["finding"])
     assert table.loc["a", "x"] == "0.71 (0.51-0.85)" and table.loc["a", "y"] == "-"
+
+
+def test_confusion_counts_a_found_finding_on_the_wrong_side_off_the_diagonal():
+    truth = pd.DataFrame({f: [1.0, 1.0, 1.0] for f in evaluate.FINDINGS})
+    for f in evaluate.LATERAL:
+        truth[f"{f} side"], truth[f"{f} size"] = ["right", "right", "left"], ["large", "large", "small"]
+    side = np.zeros((3, 2, 3))
+    side[:, :, 0] = 1.0  # always "left" and "small": the first two images are read the other way
+    presence = np.full((3, len(evaluate.FINDINGS)), 0.9)
+    confusion = evaluate.confusion_table({"presence": presence, "side": side, "size": side.copy()}, truth)
+    counts = confusion.set_index(["finding", "question", "asked", "read"]).images["Pneumothorax"]
+    assert counts["side", "right", "left"] == 2 and counts["side", "left", "left"] == 1
+    assert counts["size", "large", "small"] == 2 and counts["side", "right", "not found"] == 0
+    control = evaluate.controllability_table({"presence": presence, "side": side, "size": side.copy()}, truth)
+    diagonal = confusion[confusion.asked == confusion.read].groupby(["finding", "question"]).images.sum() / 3
+    assert np.allclose(sorted(control.value.round(4)), sorted(diagonal.round(4)))  # the same reading, two views
 
 
 def test_a_side_read_in_an_image_without_the_finding_is_not_correct():
@@ -171,6 +193,9 @@ def test_inception_features_load_fids_inception_from_a_local_safetensors_file(tm
     assert torch.equal(extractor(batch), stand_in(batch)) and extractor(batch).shape == (2, 2048)
     save_file({"x": torch.zeros(1)}, str(weights))
     with pytest.raises(ValueError, match="does not hold torch-fidelity's Inception-v3 FID weights"):
+        evaluate.inception_features(weights)
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
         evaluate.inception_features(weights)
 
 

@@ -29,3 +29,16 @@ def test_bars_over_seeds_keep_the_spread_and_draw_no_interval_lines():
                          "ci low": [0.4] * 4, "ci high": [0.95] * 4})
     fig = figures.fig_metric_bars(rows, "finding", "training", "AUROC")
     assert interval_lines(fig) == [] and len(fig.axes[0].lines) >= 2  # seaborn's standard-deviation bars
+
+
+def test_confusion_heatmaps_keep_the_order_of_asks_and_readings_and_show_counts():
+    table = pd.DataFrame({"finding": ["ptx"] * 12, "question": ["side"] * 6 + ["size"] * 6,
+                          "asked": (["left"] * 3 + ["right"] * 3) + (["small"] * 3 + ["large"] * 3),
+                          "read": ["left", "right", "not found"] * 2 + ["small", "large", "not found"] * 2,
+                          "images": [3, 1, 0, 0, 2, 2, 0, 1, 3, 0, 4, 0]})
+    fig = figures.fig_confusion(table, "m")
+    side, size = fig.axes
+    assert [t.get_text() for t in side.get_yticklabels()] == ["left", "right"]
+    assert [t.get_text() for t in side.get_xticklabels()] == ["left", "right", "not found"]
+    assert [t.get_text() for t in side.texts] == ["3", "1", "0", "0", "2", "2"]
+    assert [t.get_text() for t in size.texts] == ["0", "1", "3", "0", "4", "0"]
