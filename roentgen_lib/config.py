@@ -38,8 +38,8 @@ SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scal
                    "images_per_prompt", "sample_batch_size", "synthetic_dir", "synthetic_prompts",
                    "synthetic_split_prompts", "guidance_sweep", "steps_sweep", "edit_strength")
 # Fields read only by evaluation (05): changing them never changes what training produces.
-EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "inception_weights", "classifier_epochs", "judge_blur", "downstream_seeds",
-                     "downstream_images_per_prompt", "eval_references", "evaluation_dir")
+EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "inception_weights", "classifier_epochs", "judge_blur",
+                     "downstream_seeds", "downstream_images_per_prompt", "eval_references", "evaluation_dir")
 # Which components a full fine-tune adapts: (train_unet, train_text_encoder).
 VARIANTS = {"unet": (True, False), "text_encoder": (False, True), "both": (True, True)}
 

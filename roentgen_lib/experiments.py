@@ -37,11 +37,10 @@ from roentgen_lib.data.dataset import load as load_real
 from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render_prompts, render_size
 from roentgen_lib.evaluate import (FINDINGS, ClassifierFeatures, FindingNet, alignment_table, confusion_table,
-                                   controllability_table,
-                                   diversity_table, downstream_table, fid_table, frechet_distance, images_array,
-                                   labels_of_row, memorization_audit, memorization_summary, predict, presence_only,
-                                   pretrained_alignment_table, probe_table, text_embeddings, through_vae, train_classifier, truth_of_labels,
-                                   truth_of_reports, truth_table)
+                                   controllability_table, diversity_table, downstream_table, fid_table, frechet_distance,
+                                   images_array, labels_of_row, memorization_audit, memorization_summary, predict,
+                                   presence_only, pretrained_alignment_table, probe_table, text_embeddings, through_vae,
+                                   train_classifier, truth_of_labels, truth_of_reports, truth_table)
 from roentgen_lib.files import write_file_atomic, write_json_atomic
 from roentgen_lib.models import Base
 from roentgen_lib.parallel import run_jobs
@@ -222,12 +221,11 @@ def score_model(cfg: Config, name: str, data: datasets.Dataset, judge: FindingNe
     tables = []
     for chosen in PROMPT_SETS:
         rows = sets == chosen
-        subset = {k: v[rows] for k, v in prediction.items()}
-        tables.append(alignment_table(subset, truth[rows].reset_index(drop=True), model=name, prompts=chosen))
-        tables.append(pretrained_alignment_table(extractors["XRV DenseNet"], images[rows], truth[rows].reset_index(drop=True),
-                                                 model=name, prompts=chosen))
+        subset, asked = {k: v[rows] for k, v in prediction.items()}, truth[rows].reset_index(drop=True)
+        tables.append(alignment_table(subset, asked, model=name, prompts=chosen))
+        tables.append(pretrained_alignment_table(extractors["XRV DenseNet"], images[rows], asked, model=name, prompts=chosen))
         if chosen != "test":
-            tables.append(controllability_table(subset, truth[rows].reset_index(drop=True), model=name, prompts=chosen))
+            tables.append(controllability_table(subset, asked, model=name, prompts=chosen))
     test_rows = sets == "test"
     real = counterparts(cfg, np.array(data["source"])[test_rows][:: cfg.images_per_prompt])
     tables.append(fid_table(extractors, real, images[test_rows], model=name, prompts="test"))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -199,12 +200,20 @@ def test_inception_features_load_fids_inception_from_a_local_safetensors_file(tm
         evaluate.inception_features(weights)
 
 
-def test_xrv_features_read_a_local_safetensors_densenet(tmp_path):
+def densenet_stand_in(folder: Path) -> Path:
+    """A randomly initialised torchxrayvision DenseNet-121 saved as safetensors (the real weights are a download)."""
     import torchxrayvision as xrv
     from safetensors.torch import save_file
 
-    weights = tmp_path / "densenet.safetensors"
+    weights = folder / "densenet.safetensors"
     save_file({k: v.contiguous() for k, v in xrv.models.DenseNet(weights=None).state_dict().items()}, str(weights))
+    return weights
+
+
+def test_xrv_features_read_a_local_safetensors_densenet(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = densenet_stand_in(tmp_path)
     extractor = evaluate.feature_extractors(evaluate.FindingNet(), weights)["XRV DenseNet"]
     assert not isinstance(extractor, str)
     assert extractor(next(evaluate.rgb_batches(noise_images(2, 0)))).shape == (2, 1024)
@@ -213,14 +222,10 @@ def test_xrv_features_read_a_local_safetensors_densenet(tmp_path):
         evaluate.XrvFeatures(weights)
 
 
-
 def test_pretrained_classifier_scores_each_finding_with_its_own_pathology_output(tmp_path, monkeypatch):
     import torchxrayvision as xrv
-    from safetensors.torch import save_file
 
-    weights = tmp_path / "densenet.safetensors"
-    save_file({k: v.contiguous() for k, v in xrv.models.DenseNet(weights=None).state_dict().items()}, str(weights))
-    judge = evaluate.feature_extractors(evaluate.FindingNet(), weights)["XRV DenseNet"]
+    judge = evaluate.feature_extractors(evaluate.FindingNet(), densenet_stand_in(tmp_path))["XRV DenseNet"]
     # a transparent stand-in for the DenseNet's features: each one is the image's mean (scaled) grey level
     monkeypatch.setattr(judge.model, "features2", lambda x: x.mean(dim=(1, 2, 3))[:, None].expand(-1, 1024))
     with torch.no_grad():
@@ -248,6 +253,7 @@ def test_pretrained_classifier_without_weights_gives_one_row_with_the_reason(tmp
     fid = evaluate.fid_table({"ours": PooledPixels(), "theirs": "not here"}, noise_images(4, 1), noise_images(4, 2), model="m")
     reasons = evaluate.unavailable_metrics(pd.concat([table, fid], ignore_index=True))
     assert reasons.to_dict() == {"AUROC (XRV DenseNet)": table.note[0], "FID (theirs)": "not here"}
+
 
 def test_ms_ssim_is_one_for_copies_and_low_for_noise():
     copies = np.repeat(noise_images(1, 0, 64), 4, axis=0)
