@@ -395,12 +395,22 @@ def save_outputs(base: Base, models: dict[str, torch.nn.Module], cfg: Config, ru
             layers = {f"{name}_lora_layers": get_peft_model_state_dict(m, save_embedding_layers=False)
                       for name, m in models.items()}
             StableDiffusionPipeline.save_lora_weights(work, safe_serialization=True, **layers,
-                                                      **_collate_lora_metadata(models))
+                                                      **sorted_sets(_collate_lora_metadata(models)))
             base.noise_scheduler.save_pretrained(work / "scheduler")  # the schedule the adapters learnt
         replace_dir(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def sorted_sets(metadata: dict[str, dict]) -> dict[str, dict]:
+    """Adapter configs with their sets (peft's target modules) as sorted lists.
+
+    diffusers writes a set in its iteration order, which follows Python's per-process string hashing:
+    the same adapters would be saved as files with different bytes from one run to the next.
+    """
+    return {key: {name: sorted(value) if isinstance(value, set) else value for name, value in config.items()}
+            for key, config in metadata.items()}
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from roentgen_lib import checkpoints, config, models, parallel, pretrain, sample, train
@@ -128,7 +129,8 @@ def test_lora_on_convolutions_and_attention_loads_every_trained_adapter(tiny_wor
     """Adapters beyond attention (the transformer projections kohya adapts, convolutions) survive saving and loading."""
     targets = {"unet_lora_targets": "to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv1", "text_lora_targets": "q_proj,v_proj,fc1"}
     cfg = dataclasses.replace(tiny_world, method="lora", train_text_encoder=True, run_name="lora_conv", resume=False, **targets)
-    loaded = models.load_pipeline(cfg.base_model_path, train.finetune(cfg).output_dir)
+    output = train.finetune(cfg).output_dir
+    loaded = models.load_pipeline(cfg.base_model_path, output)
     expected = models.load_base(cfg.base_model_path)
     train.trained_models(expected, cfg)  # the adapters training attached, freshly initialised
 
@@ -138,6 +140,10 @@ def test_lora_on_convolutions_and_attention_loads_every_trained_adapter(tiny_wor
     for ours, reference in ((loaded.unet, expected.unet), (loaded.text_encoder, expected.text_encoder)):
         assert adapters(ours).keys() == adapters(reference).keys()
         assert all(p.abs().sum() > 0 for p in adapters(ours).values())  # trained, not freshly initialised
+    with safe_open(str(output / "pytorch_lora_weights.safetensors"), "pt") as saved:
+        metadata = json.loads(saved.metadata()["lora_adapter_metadata"])
+    for model in ("unet", "text_encoder"):  # listed in a fixed order, so the file's bytes do not vary from run to run
+        assert metadata[f"{model}.target_modules"] == sorted(metadata[f"{model}.target_modules"])
 
 
 def test_a_run_from_another_base_is_set_aside_not_resumed(tiny_world, tmp_path):
