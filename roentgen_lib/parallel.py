@@ -17,6 +17,9 @@ Usage::
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -42,7 +45,8 @@ def run_jobs(function: Callable, jobs: dict[str, tuple], processes: int, cost: d
     processes = max(1, min(processes, len(jobs)))
     threads = max(1, torch.get_num_threads() // processes)
     order = sorted(jobs, key=cost.__getitem__, reverse=True) if cost else list(jobs)
-    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent) as pool:
         ended = run_in_turn(pool, function, threads, {name: jobs[name] for name in order}, processes, follow, desc)
     for future in ended.values():
         if future.exception() is not None:
@@ -53,6 +57,23 @@ def run_jobs(function: Callable, jobs: dict[str, tuple], processes: int, cost: d
         for category, message in caught:
             warnings.warn(f"{name}: {message}", category, stacklevel=2)
     return results
+
+
+def exit_with_parent() -> None:
+    """Worker initializer: end this worker as soon as the process that started it ends.
+
+    A notebook kernel or runner that is killed (rather than interrupted) cannot stop its pool, and
+    its workers would train on as orphans, writing into the same run folders as the next attempt.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=exit_when_ready, args=(parent.sentinel,), daemon=True).start()
+
+
+def exit_when_ready(sentinel: int) -> None:
+    """Block until `sentinel` (the parent's) is ready, that is until the parent has ended; then exit at once."""
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def call_with_threads(function: Callable, threads: int, args: tuple) -> tuple[Any, list[tuple[type[Warning], str]]]:

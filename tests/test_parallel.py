@@ -1,9 +1,12 @@
 """Jobs in worker processes: their order, their share of threads, failures and warnings."""
 
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -52,3 +55,28 @@ def test_library_warnings_keep_their_category():
     # warnings.warn as the job itself: the warning is raised from parallel.py, inside this library
     with pytest.warns(RuntimeWarning, match="^job: running low"):
         parallel.run_jobs(warnings.warn, {"job": ("running low", RuntimeWarning)}, processes=1)
+
+
+def test_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
+    """A killed kernel leaves no worker behind to train on into the next attempt's run folders."""
+    script = tmp_path / "start_jobs.py"
+    script.write_text("import time\nfrom roentgen_lib import parallel\nif __name__ == '__main__':\n"
+                      "    parallel.run_jobs(time.sleep, {'a': (120,), 'b': (120,)}, processes=2)\n")
+    parent = subprocess.Popen([sys.executable, str(script)])
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = [child for child in psutil.Process(parent.pid).children()
+                       if "spawn_main" in " ".join(child.cmdline())]
+        assert len(workers) == 2, "the two workers did not start"
+        parent.kill()
+        parent.wait()
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"workers {[w.pid for w in alive]} outlived the process that started them"
+    finally:
+        parent.kill()
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
