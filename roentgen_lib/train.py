@@ -50,6 +50,7 @@ from roentgen_lib.models import (VAE_BATCH_SIZE, Base, fused_adamw_available, im
                                  save_base, weights_fingerprint)
 from roentgen_lib.parallel import run_jobs
 from roentgen_lib.progress import library_progress_bars
+from roentgen_lib.text.labels import OBSERVATIONS
 
 CAPTION_DROPOUT = 0.1  # share of prompts replaced by "" so classifier-free guidance works
 VALIDATION_SEED = 12345
@@ -174,17 +175,34 @@ def trained_models(base: Base, cfg: Config) -> dict[str, torch.nn.Module]:
     return chosen
 
 
-def batch_indices(n: int, batch_size: int, micro_step: int, world: int, rank: int, seed: int) -> np.ndarray:
-    """Indices of one micro-batch: a seeded permutation per epoch, split across processes.
+def batch_indices(rows: np.ndarray, batch_size: int, micro_step: int, world: int, rank: int, seed: int) -> np.ndarray:
+    """Indices of one micro-batch: a seeded permutation per epoch of `rows`, split across processes.
 
-    Depends only on the micro-step counter, so a resumed run reads exactly the data it would have.
+    `rows` lists the pairs one epoch shows (`np.arange(n)`: each once; see `epoch_rows`). Depends only
+    on the micro-step counter, so a resumed run reads exactly the data it would have.
     """
     global_batch = batch_size * world
-    per_epoch = max(n // global_batch, 1)
+    per_epoch = max(len(rows) // global_batch, 1)
     epoch, position = divmod(micro_step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order = rows[np.random.default_rng([seed, epoch]).permutation(len(rows))]
     chunk = order[position * global_batch : (position + 1) * global_batch]
     return chunk[rank * batch_size : (rank + 1) * batch_size]
+
+
+def epoch_rows(n: int, labels: dict[str, list], repeats: dict[str, int]) -> np.ndarray:
+    """The pairs one epoch shows: each of `n` once, then those `labels` mark positive for each finding in
+    `repeats` (times - 1) more times (a pair positive for two of them gains both).
+
+    As kohya's `num_repeats`, chosen by finding instead of by folder: a finding the model learns last
+    (the demo's small pneumothorax) is seen more often in the same number of steps.
+    """
+    missing = sorted(set(repeats) - set(labels))
+    if missing:
+        raise ValueError(f"repeat_findings names {', '.join(map(repr, missing))}, which the dataset does not label; "
+                         f"its findings: {', '.join(labels)}")
+    positives = {name: np.flatnonzero(np.asarray(labels[name], dtype=float) == 1) for name in repeats}
+    extra = [positives[name] for name, times in repeats.items() for _ in range(times - 1)]
+    return np.concatenate([np.arange(n), *extra]).astype(np.int64)
 
 
 def diffusion_loss(base: Base, unet, text_encoder, pairs: Pairs, idx: np.ndarray, cfg: Config,
@@ -421,18 +439,20 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def train_model(cfg: Config, train_data: tuple[list, list[str]], val_data: tuple[list, list[str]],
-                base_path: str | None = None, run_dir: Path | None = None) -> TrainResult:
+                base_path: str | None = None, run_dir: Path | None = None, rows: np.ndarray | None = None) -> TrainResult:
     """Fine-tune `cfg.base_model_path` (or `base_path`) on (images, prompts); see the module docstring.
+
+    `rows`: the training pairs one epoch shows, repeats included (`epoch_rows`); None: each pair once.
 
     Resumes from the run's latest checkpoint when `cfg.resume` and one exists. Multi-process runs
     (`accelerate launch`) split each global batch across processes; only the main process writes.
     """
     with library_progress_bars(cfg.progress):
-        return run_training(cfg, train_data, val_data, base_path, run_dir)
+        return run_training(cfg, train_data, val_data, base_path, run_dir, rows)
 
 
 def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tuple[list, list[str]],
-                 base_path: str | None, run_dir: Path | None) -> TrainResult:
+                 base_path: str | None, run_dir: Path | None, rows: np.ndarray | None = None) -> TrainResult:
     """The training loop behind `train_model`."""
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation,
                               mixed_precision=cfg.mixed_precision)
@@ -454,6 +474,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     cache_dir = cfg.models_path / LATENT_CACHE
     train = cache_pairs(base, *train_data, cfg.image_size, frozen_text, progress=cfg.progress and main, cache_dir=cache_dir)
     val = cache_pairs(base, *val_data, cfg.image_size, frozen_text, progress=False, cache_dir=cache_dir)
+    rows = np.arange(len(train)) if rows is None else rows
     inputs = inputs_fingerprint(base_weights, train)
     if cfg.resume and main:
         set_aside_if_stale(run_dir, inputs, cfg.max_steps)
@@ -481,7 +502,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
         losses = []
         for micro in range(cfg.gradient_accumulation):
             micro_step = (step - 1) * cfg.gradient_accumulation + micro
-            idx = batch_indices(len(train), cfg.batch_size, micro_step, world, rank, cfg.seed)
+            idx = batch_indices(rows, cfg.batch_size, micro_step, world, rank, cfg.seed)
             with accelerator.accumulate(*wrapped.values()):
                 loss = diffusion_loss(base, wrapped.get("unet", base.unet), wrapped.get("text_encoder", base.text_encoder),
                                       train, idx, cfg, step_generator(cfg.seed, rank, micro_step), device, CAPTION_DROPOUT)
@@ -549,7 +570,15 @@ def validate(base: Base, models, val: Pairs, cfg: Config, device, run_dir: Path,
 
 def finetune(cfg: Config) -> TrainResult:
     """Fine-tune on the dataset 01_data_prep wrote (train split; validation split held out)."""
-    return train_model(cfg, load_pairs(cfg, "train"), load_pairs(cfg, "validation"))
+    return train_model(cfg, load_pairs(cfg, "train"), load_pairs(cfg, "validation"), rows=training_rows(cfg))
+
+
+def training_rows(cfg: Config) -> np.ndarray:
+    """The train-split pairs one epoch shows under `cfg.repeat_findings` (each once when it is empty)."""
+    part = load_dataset(cfg)["train"]
+    repeats = cfg.finding_repeats_per_epoch
+    labels = {name: part[name] for name in OBSERVATIONS if name in part.column_names}
+    return epoch_rows(len(part), labels, repeats)
 
 
 def variant_configs(cfg: Config) -> dict[str, Config]:

@@ -44,6 +44,9 @@ def test_none_keeps_profile_value_and_overrides_apply():
         ({"method": "lora", "lora_max_steps": 0}, "'lora_max_steps' must be >= 1 or None"),
         ({"worker_processes": 0}, "'worker_processes' must be >= 1"),
         ({"lora_max_steps": 5}, "parameter 'lora_max_steps' applies to LoRA only, but method='full'"),
+        ({"repeat_findings": "Pneumothorax"}, "'repeat_findings' must be a comma list of Finding=times"),
+        ({"repeat_findings": "Pneumothorax=0"}, "with times >= 1, e.g. 'Pneumothorax=2', got 'Pneumothorax=0'"),
+        ({"repeat_findings": "Edema=two"}, "'repeat_findings' must be a comma list of Finding=times"),
     ],
 )
 def test_bad_parameters_are_named(kwargs, fragment):
@@ -82,3 +85,9 @@ def test_a_hub_id_is_not_taken_for_a_missing_folder():
     assert config.resolve("tiny", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").base_model_path == \
         "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert config.resolve("tiny", method="lora", lora_rank=4).lora_rank == 4
+
+
+def test_repeat_findings_parse_to_counts():
+    assert config.resolve("tiny", repeat_findings=" Pneumothorax=2, Edema=3 ").finding_repeats_per_epoch == {
+        "Pneumothorax": 2, "Edema": 3}
+    assert config.resolve("tiny").finding_repeats_per_epoch == {}

@@ -19,11 +19,31 @@ from roentgen_lib import checkpoints, config, models, parallel, pretrain, sample
 
 def test_batch_indices_cover_an_epoch_and_split_across_processes():
     n, batch, world = 40, 4, 2
-    seen = np.concatenate([train.batch_indices(n, batch, step, world, rank, seed=0)
+    rows = np.arange(n)
+    seen = np.concatenate([train.batch_indices(rows, batch, step, world, rank, seed=0)
                            for step in range(n // (batch * world)) for rank in range(world)])
     assert sorted(seen) == list(range(n))
-    assert np.array_equal(train.batch_indices(n, batch, 7, world, 1, 0), train.batch_indices(n, batch, 7, world, 1, 0))
-    assert not np.array_equal(train.batch_indices(n, batch, 0, 1, 0, 0), train.batch_indices(n, batch, 5, 1, 0, 0))
+    assert np.array_equal(train.batch_indices(rows, batch, 7, world, 1, 0), train.batch_indices(rows, batch, 7, world, 1, 0))
+    assert not np.array_equal(train.batch_indices(rows, batch, 0, 1, 0, 0), train.batch_indices(rows, batch, 5, 1, 0, 0))
+
+
+def test_repeated_findings_are_shown_that_many_times_per_epoch():
+    labels = {"Pneumothorax": [1.0, None, 0.0, 1.0], "Edema": [1.0, 1.0, None, None], "Cardiomegaly": [0.0] * 4}
+    rows = train.epoch_rows(4, labels, {"Pneumothorax": 3, "Edema": 2})
+    assert np.bincount(rows).tolist() == [4, 2, 1, 3]  # pair 0 has both findings: 1 + 2 + 1
+    assert train.epoch_rows(4, {}, {}).tolist() == [0, 1, 2, 3]
+    per_epoch = len(rows) // 2
+    epoch = np.concatenate([train.batch_indices(rows, 2, step, 1, 0, seed=0) for step in range(per_epoch)])
+    assert np.bincount(epoch).tolist() == [4, 2, 1, 3]
+    with pytest.raises(ValueError, match="'Pneumothrax', which the dataset does not label; its findings: Pneumothorax"):
+        train.epoch_rows(4, labels, {"Pneumothrax": 2})
+
+
+def test_training_rows_repeat_the_pairs_of_the_named_finding(tiny_world):
+    assert train.training_rows(tiny_world).tolist() == list(range(len(train.load_pairs(tiny_world, "train")[1])))
+    rows = train.training_rows(dataclasses.replace(tiny_world, repeat_findings="Lung Opacity=2"))
+    positive = np.asarray(train.load_dataset(tiny_world)["train"]["Lung Opacity"], dtype=float) == 1
+    assert positive.any() and np.array_equal(np.bincount(rows, minlength=len(positive)), 1 + positive)
 
 
 def test_checkpoint_state_round_trip(tmp_path):
