@@ -6,6 +6,7 @@ their outputs; the tests here make sure those runs are of the current source not
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -46,6 +47,9 @@ def test_notebook_is_thin_and_stripped(notebook):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_parameters_match_the_config(notebook):
     params = papermill.inspect_notebook(str(notebook))
+    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    declared = [line.split(":")[0] for line in cell.source.splitlines() if re.match(r"\w+\s*:", line)]
+    assert list(params) == declared, "papermill cannot parse a parameter line (an '=' in its comment?); the runner would drop it"
     assert params["profile"]["default"] == '"demo"'
     fields = set(config.parameter_names())
     for name, info in params.items():
