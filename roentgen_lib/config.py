@@ -364,10 +364,10 @@ def check_values(cfg: Config) -> None:
     check_sweep(cfg, "guidance_sweep", float, 1.0)
     check_sweep(cfg, "steps_sweep", int, 1)
     try:
-        counts = repeat_counts(cfg.repeat_findings)
+        valid = min(repeat_counts(cfg.repeat_findings).values(), default=1) >= 1
     except ValueError:
-        counts = {"": 0}
-    if min(counts.values(), default=1) < 1:
+        valid = False
+    if not valid:
         raise ConfigError(f"parameter 'repeat_findings' must be a comma list of Finding=times with times >= 1, "
                           f"e.g. 'Pneumothorax=2', got {cfg.repeat_findings!r}")
 
