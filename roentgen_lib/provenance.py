@@ -14,17 +14,25 @@ KEY_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "peft", "ac
                 "papermill", "nbval", "roentgen_lib")
 
 
-def git_state() -> dict[str, str | bool | None]:
-    """Commit sha and whether the work tree has uncommitted changes (None outside a checkout)."""
+# Folders the runs write and git tracks: a run's own outputs are not a change to what made them.
+RUN_OUTPUTS = ("figures", "papermill_runs")
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict[str, str | bool | None]:
+    """Commit sha and whether anything but `RUN_OUTPUTS` has uncommitted changes (None outside a checkout).
+
+    A run rewrites the committed figures as it goes, so counting them would mark every sidecar after
+    the first as made from a modified tree; "dirty" says whether the code or data behind it was.
+    """
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
     sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain")
+    status = git("status", "--porcelain", "--", ".", *(f":(exclude){folder}" for folder in RUN_OUTPUTS))
     return {"sha": sha, "dirty": bool(status) if status is not None else None}
 
 

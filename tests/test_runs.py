@@ -74,3 +74,26 @@ def test_rerun_continues_from_the_failed_notebook(tmp_path, capsys):
 def test_main_reports_bad_arguments(capsys):
     assert runs.main(["--profile", "huge"]) == 2
     assert "allowed: tiny, demo, paper" in capsys.readouterr().err
+
+
+def test_git_state_counts_changes_to_code_not_the_runs_own_outputs(tmp_path):
+    import subprocess
+
+    from roentgen_lib.provenance import git_state
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "f.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "figures" / "f.json").write_text('{"run": 2}')  # a run rewrote its figure
+    assert git_state(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["dirty"] is True
+    assert git_state(tmp_path / "nowhere")["sha"] is None  # not a checkout (or no such folder)
