@@ -85,7 +85,11 @@ class TrainResult:
 
 def load_pairs(cfg: Config, split: str) -> tuple[list[Image.Image], list[str]]:
     """Images and prompts of one split of the dataset 01_data_prep built for `cfg`."""
-    part = load_dataset(cfg)[split]
+    return split_pairs(load_dataset(cfg)[split])
+
+
+def split_pairs(part) -> tuple[list[Image.Image], list[str]]:
+    """Images and prompts of a loaded dataset split."""
     return list(part["image"]), list(part["prompt"])
 
 
@@ -570,12 +574,13 @@ def validate(base: Base, models, val: Pairs, cfg: Config, device, run_dir: Path,
 
 def finetune(cfg: Config) -> TrainResult:
     """Fine-tune on the dataset 01_data_prep wrote (train split; validation split held out)."""
-    return train_model(cfg, load_pairs(cfg, "train"), load_pairs(cfg, "validation"), rows=training_rows(cfg))
+    train_split = load_dataset(cfg)["train"]
+    return train_model(cfg, split_pairs(train_split), load_pairs(cfg, "validation"),
+                       rows=training_rows(cfg, train_split))
 
 
-def training_rows(cfg: Config) -> np.ndarray:
-    """The train-split pairs one epoch shows under `cfg.repeat_findings` (each once when it is empty)."""
-    part = load_dataset(cfg)["train"]
+def training_rows(cfg: Config, part) -> np.ndarray:
+    """The pairs of the train split `part` one epoch shows under `cfg.repeat_findings` (each once when it is empty)."""
     repeats = cfg.finding_repeats_per_epoch
     labels = {name: part[name] for name in OBSERVATIONS if name in part.column_names}
     return epoch_rows(len(part), labels, repeats)

@@ -40,9 +40,10 @@ def test_repeated_findings_are_shown_that_many_times_per_epoch():
 
 
 def test_training_rows_repeat_the_pairs_of_the_named_finding(tiny_world):
-    assert train.training_rows(tiny_world).tolist() == list(range(len(train.load_pairs(tiny_world, "train")[1])))
-    rows = train.training_rows(dataclasses.replace(tiny_world, repeat_findings="Lung Opacity=2"))
-    positive = np.asarray(train.load_dataset(tiny_world)["train"]["Lung Opacity"], dtype=float) == 1
+    part = train.load_dataset(tiny_world)["train"]
+    assert train.training_rows(tiny_world, part).tolist() == list(range(len(train.load_pairs(tiny_world, "train")[1])))
+    rows = train.training_rows(dataclasses.replace(tiny_world, repeat_findings="Lung Opacity=2"), part)
+    positive = np.asarray(part["Lung Opacity"], dtype=float) == 1
     assert positive.any() and np.array_equal(np.bincount(rows, minlength=len(positive)), 1 + positive)
 
 
