@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
@@ -664,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     result = finetune(config.resolve(args.profile, **config.parse_overrides(args.params)))
-    print(f"saved {result.output_dir} ({result.images_per_second:.0f} images/s)")
+    if PartialState().is_main_process:  # under `accelerate launch`, only the main process saves the outputs
+        print(f"saved {result.output_dir} ({result.images_per_second:.0f} images/s)")
     return 0
 
 

@@ -214,6 +214,8 @@ def test_two_processes_train_and_checkpoint(tiny_world, tmp_path):
     done = subprocess.run(command + [a for p in params for a in ("-p", p)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("saved ") == 1, done.stdout  # the main process reports the saved pipeline, once
+    assert f"saved {tmp_path / 'ddp' / 'pipeline'} " in done.stdout
     record = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert record["processes"] == 2
     assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "ddp")] == [6, 12]
