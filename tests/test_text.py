@@ -35,6 +35,9 @@ def test_mimic_sections_are_split_on_headers():
         ("Pneumothorax cannot be excluded.", "Pneumothorax", "uncertain", None, None),
         ("Cannot exclude a small effusion.", "Pleural Effusion", "uncertain", None, "small"),
         ("No pneumothorax, but there is a large right effusion.", "Pleural Effusion", "positive", "right", "large"),
+        # after a scope closer with no cue before the mention, the cue after it decides
+        ("Heart size is normal but effusion is not seen.", "Pleural Effusion", "negative", None, None),
+        ("No effusion but pneumothorax cannot be excluded.", "Pneumothorax", "uncertain", None, None),
         ("Bilateral moderate effusions.", "Pleural Effusion", "positive", "bilateral", "moderate"),
         ("Severe cardiomegaly.", "Cardiomegaly", "positive", None, "large"),
         ("Heart size is normal.", "Cardiomegaly", "negative", None, None),

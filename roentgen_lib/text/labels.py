@@ -316,11 +316,12 @@ def find_mentions(sentence: str) -> list[tuple[str, int, int, bool]]:
 def mention_status(sentence: str, start: int, end: int) -> str:
     """Status of the mention at [start, end) from the nearest cue before it, else a cue after it."""
     kinds = [m.lastgroup for m in _PRE_CUE_RE.finditer(sentence, 0, start) if m.end() <= start]
-    if kinds:
-        in_scope = kinds[len(kinds) - kinds[::-1].index("close"):] if "close" in kinds else kinds
-        if "negative" in in_scope:
-            return "negative"
-        return "uncertain" if in_scope else "positive"
+    in_scope = kinds[len(kinds) - kinds[::-1].index("close"):] if "close" in kinds else kinds
+    if "negative" in in_scope:
+        return "negative"
+    if in_scope:
+        return "uncertain"
+    # No cue since the last scope closer ("heart size is normal but effusion is not seen."): one after decides.
     after = _POST_CUE_RE.search(sentence, end)
     if after and after.lastgroup != "close":
         return after.lastgroup
