@@ -87,11 +87,16 @@ def prompt_set(sources) -> np.ndarray:
 
 def prompt_set_rows(data: datasets.Dataset, prompts: str) -> datasets.Dataset:
     """The rows of a synthetic dataset drawn for one prompt set."""
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"prompt set {prompts!r} is not one of {', '.join(PROMPT_SETS)}")
     return data.select(np.flatnonzero(prompt_set(data["source"]) == prompts))
 
 
 def seen_in_training(prompts: list[str], train_prompts: list[str]) -> pd.DataFrame:
-    """Whether each prompt occurs, as a whole sentence sequence, in any training report (lower case)."""
+    """Whether each prompt occurs anywhere in a training report, also inside a longer sentence (lower case).
+
+    Matching substrings, not whole sentences, errs on the side of "seen": an unseen prompt is truly unseen.
+    """
     corpus = "\n".join(p.lower() for p in train_prompts)
     return pd.DataFrame({"prompt": prompts, "seen in training": [p.lower() in corpus for p in prompts]})
 

@@ -17,7 +17,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from roentgen_lib.config import Config
-from roentgen_lib.files import write_json_atomic
+from roentgen_lib.files import write_file_atomic, write_json_atomic
 from roentgen_lib.provenance import git_state, package_versions
 from roentgen_lib.text.labels import OBSERVATIONS
 from roentgen_lib.text.tokenizer import CONTEXT_LENGTH
@@ -29,8 +29,9 @@ def save_figure(fig: Figure, name: str, cfg: Config, inputs: dict | None = None)
     """Write `fig` as <figures>/<name>.png and .pdf plus a <name>.json sidecar; return the figure."""
     out = cfg.figures_path
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / f"{name}.png", dpi=150, bbox_inches="tight")
-    fig.savefig(out / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
+    write_file_atomic(out / f"{name}.png", lambda path: fig.savefig(path, format="png", dpi=150, bbox_inches="tight"))
+    write_file_atomic(out / f"{name}.pdf", lambda path: fig.savefig(path, format="pdf", bbox_inches="tight",
+                                                                    metadata={"CreationDate": None}))
     write_json_atomic(out / f"{name}.json", {"figure": name, "config": cfg.to_dict(), "inputs": inputs or {},
                                              "git": git_state(), "packages": package_versions()})
     return fig

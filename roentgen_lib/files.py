@@ -33,6 +33,7 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(handle)
     try:
         write(Path(name))
+        os.chmod(name, 0o644)  # mkstemp makes files private; outputs are meant to be read
         os.replace(name, path)
     finally:
         Path(name).unlink(missing_ok=True)

@@ -82,10 +82,12 @@ class Base:
 class ProjectedTextEncoder(nn.Module):
     """Any Hugging Face text model with a linear projection to the U-Net's cross-attention width."""
 
-    def __init__(self, encoder: nn.Module, width: int) -> None:
+    def __init__(self, encoder: nn.Module, width: int, seed: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
-        self.projection = nn.Linear(encoder.config.hidden_size, width)
+        with torch.random.fork_rng(devices=[]):  # a new projection starts from the same weights for a seed
+            torch.manual_seed(seed)
+            self.projection = nn.Linear(encoder.config.hidden_size, width)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,9 +108,9 @@ class ProjectedTextEncoder(nn.Module):
         save_file(self.projection.state_dict(), str(folder / PROJECTION_FILE))
 
     @classmethod
-    def load(cls, folder: Path, width: int) -> "ProjectedTextEncoder":
-        """Read back what `save` wrote (or wrap a plain text model with a new projection)."""
-        encoder = cls(AutoModel.from_pretrained(folder, use_safetensors=True), width)
+    def load(cls, folder: Path, width: int, seed: int = 0) -> "ProjectedTextEncoder":
+        """Read back what `save` wrote (or wrap a plain text model with a new projection seeded by `seed`)."""
+        encoder = cls(AutoModel.from_pretrained(folder, use_safetensors=True), width, seed)
         if (Path(folder) / PROJECTION_FILE).is_file():
             encoder.projection.load_state_dict(load_file(str(Path(folder) / PROJECTION_FILE)))
         return encoder
@@ -118,11 +120,12 @@ class ProjectedTextEncoder(nn.Module):
         return (self.projection(hidden),)
 
 
-def load_base(name_or_path: str, text_encoder: str | None = None) -> Base:
+def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0) -> Base:
     """Load a Stable Diffusion 1.x/2.x base from a local diffusers folder or a hub id (safetensors only).
 
     With `text_encoder`, the CLIP text encoder and tokenizer are replaced by the given local text
-    model and its tokenizer, projected to the U-Net's cross-attention width (projection untrained).
+    model and its tokenizer, projected to the U-Net's cross-attention width (projection untrained,
+    initialised from `seed`, so a rerun starts from the same weights and can resume).
     """
     if Path(name_or_path).is_absolute() and not (Path(name_or_path) / "model_index.json").is_file():
         raise FileNotFoundError(f"base_model={name_or_path!r} is not a diffusers pipeline folder "
@@ -134,7 +137,7 @@ def load_base(name_or_path: str, text_encoder: str | None = None) -> Base:
     saved_projection = Path(name_or_path, "text_encoder", PROJECTION_FILE).is_file()
     text_source = text_encoder or (str(Path(name_or_path, "text_encoder")) if saved_projection else None)
     if text_source:
-        encoder = ProjectedTextEncoder.load(text_source, unet.config.cross_attention_dim)
+        encoder = ProjectedTextEncoder.load(text_source, unet.config.cross_attention_dim, seed)
         tokenizer = AutoTokenizer.from_pretrained(text_source)
         tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
     else:
@@ -295,8 +298,9 @@ def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: flo
     if finetuned is not None and source == base_path:
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # a U-Net-only adapter is not worth a warning per load
+        refuse_pickled(finetuned)
         try:
-            pipe.load_lora_weights(str(finetuned), adapter_name="finetuned")
+            pipe.load_lora_weights(str(finetuned), adapter_name="finetuned", use_safetensors=True)
         except (RuntimeError, ValueError) as error:
             detail = " ".join(str(error).split("\n")[:2])
             raise WeightsError(f"LoRA adapter {finetuned} does not fit the base {base_path}: {detail}") from error

@@ -254,6 +254,9 @@ def inpaint(model: Model, images: list, masks: list[np.ndarray], prompts: list[s
     reset to the (noised) original, and only the masked region is generated. Outside the mask the
     VAE's reconstruction would blur the original slightly; `keep_outside` pastes the original back.
     """
+    if not len(images) == len(masks) == len(prompts):
+        raise SamplingError(f"got {len(images)} images, {len(masks)} masks and {len(prompts)} prompts; "
+                            "give one mask and one prompt per image")
     rgb = [as_rgb(im) for im in images]
     binary = [check_mask(m, im, k) for k, (m, im) in enumerate(zip(masks, rgb))]
     pipe = pipeline_as(StableDiffusionInpaintPipeline, model.pipe)

@@ -78,6 +78,10 @@ def csv_prompts(path: str | Path) -> pd.DataFrame:
     table = pd.read_csv(path)
     if "prompt" not in table.columns:
         raise SamplingError(f"{path} has no 'prompt' column (columns: {', '.join(map(str, table.columns))})")
+    empty = [k for k, p in enumerate(table["prompt"]) if pd.isna(p) or not str(p).strip()]
+    if empty:  # read_csv makes an empty cell NaN, which str() would turn into the prompt "nan"
+        raise SamplingError(f"{path}: the 'prompt' column is empty in data rows {', '.join(map(str, empty[:5]))}"
+                            f"{' ...' if len(empty) > 5 else ''} (counting from 0); give every row a prompt")
     return pd.DataFrame({"prompt": table["prompt"].astype(str), "source": [f"csv:{path.name}:{k}" for k in range(len(table))], "spec": ""})
 
 

@@ -349,12 +349,17 @@ def set_aside_if_stale(run_dir: Path, inputs: str, max_steps: int) -> None:
         reason = f"was trained for max_steps={planned}, not {max_steps} (its learning-rate schedule spans them)"
     else:
         return
+    set_aside(run_dir, reason)
+
+
+def set_aside(run_dir: Path, reason: str) -> None:
+    """Rename a run folder to `<name>.stale-N` (the first free N) and warn why: kept, never deleted."""
     n = 1
     while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
         n += 1
     aside = run_dir.with_name(f"{run_dir.name}.stale-{n}")
     os.replace(run_dir, aside)
-    warnings.warn(f"{run_dir} {reason}; moved it to {aside.name} and starting this run afresh", stacklevel=2)
+    warnings.warn(f"{run_dir} {reason}; moved it to {aside.name} and starting this run afresh", stacklevel=3)
 
 
 def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) -> int:
@@ -368,8 +373,9 @@ def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) ->
     check_same_run(states["run"], cfg, folder)
     for name, model in models.items():
         missing, unexpected = model.load_state_dict(states["models"][name], strict=False)
-        if unexpected or set(states["models"][name]) - {k for k, _ in model.named_parameters()}:
-            raise ValueError(f"{folder}: weights for {name} do not fit this model ({unexpected[:3]})")
+        foreign = sorted(set(unexpected) | (set(states["models"][name]) - {k for k, _ in model.named_parameters()}))
+        if foreign:
+            raise ValueError(f"{folder}: weights for {name} do not fit this model (e.g. {', '.join(foreign[:3])})")
     optimizer.load_state_dict(states["optimizer"])
     lr_scheduler.load_state_dict(states["lr_scheduler"])
     if ema is not None:
@@ -386,6 +392,10 @@ class RunLog:
         if path.exists() and resume_step:
             with path.open() as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        write_file_atomic(path, functools.partial(self.write_rows, rows=rows))  # a crash keeps the old log whole
+
+    @staticmethod
+    def write_rows(path: Path, rows: list[dict]) -> None:
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["step", "split", "metric", "value"])
             writer.writeheader()
@@ -463,7 +473,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
                                  accelerator.num_processes, accelerator.device)
     run_dir = run_dir or cfg.run_path
-    base = load_base(base_path or cfg.base_model_path, cfg.text_encoder)
+    base = load_base(base_path or cfg.base_model_path, cfg.text_encoder, seed=cfg.seed)
     base_weights = weights_fingerprint(base.vae, base.unet, base.text_encoder)
     if cfg.zero_terminal_snr:
         base.noise_scheduler = zero_terminal_snr_schedule(base.noise_scheduler)
@@ -482,6 +492,9 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     inputs = inputs_fingerprint(base_weights, train)
     if cfg.resume and main:
         set_aside_if_stale(run_dir, inputs, cfg.max_steps)
+    elif main and latest_checkpoint(run_dir) is not None:
+        # Left in place, its checkpoints would outrank this run's (the newest steps are kept) and be resumed later.
+        set_aside(run_dir, "has checkpoints and resume=False")
     accelerator.wait_for_everyone()
     params = trained_parameters(models)
     optimizer = make_optimizer(params, cfg)
@@ -566,8 +579,8 @@ def validate(base: Base, models, val: Pairs, cfg: Config, device, run_dir: Path,
         pipe = base.pipeline()
         pipe.set_progress_bar_config(disable=True)
         grid = np.concatenate(list(sample_grid(pipe, cfg.prompts_for_validation, cfg.seed)), axis=1)
-        (run_dir / "validation").mkdir(exist_ok=True)
-        Image.fromarray(grid).save(run_dir / "validation" / f"step-{step:06d}.png")
+        write_file_atomic(run_dir / "validation" / f"step-{step:06d}.png",
+                          lambda path: Image.fromarray(grid).save(path, format="PNG"))
     for model in models.values():
         model.train()
 

@@ -81,6 +81,12 @@ def test_base_dir_moves_the_projects_base_and_conflicts_with_a_given_base(tmp_pa
         config.resolve("tiny", base_dir=str(tmp_path / "b"), base_model=str(tmp_path))
 
 
+def test_a_domain_text_encoder_needs_full_fine_tuning(tmp_path):
+    assert config.resolve("tiny", text_encoder=str(tmp_path)).text_encoder == str(tmp_path)
+    with pytest.raises(config.ConfigError, match="'text_encoder' .* needs method='full'"):
+        config.resolve("tiny", text_encoder=str(tmp_path), method="lora")
+
+
 def test_a_hub_id_is_not_taken_for_a_missing_folder():
     assert config.resolve("tiny", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").base_model_path == \
         "stable-diffusion-v1-5/stable-diffusion-v1-5"

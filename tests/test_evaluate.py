@@ -441,3 +441,10 @@ def test_guidance_sweep_scores_the_side_drawn_at_each_scale(tiny_world, monkeypa
         assert 0.0 < table[(1.0, f"{finding} side correct")] < 1.0
         assert 0.0 < table[(4.0, f"{finding} size correct")] < 1.0  # only the large ones are read right
     assert {(g, m) for g in (1.0, 4.0) for m in ("FID (FindingNet (ours))", "MS-SSIM within group")} <= set(table.index)
+
+
+def test_a_mistyped_prompt_set_is_named():
+    data = datasets.Dataset.from_dict({"source": ["test:1", "held-out phrasing"]})
+    assert len(experiments.prompt_set_rows(data, "test")) == 1
+    with pytest.raises(ValueError, match="prompt set 'held-out' is not one of report language, held-out phrasing, test"):
+        experiments.prompt_set_rows(data, "held-out")

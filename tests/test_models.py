@@ -61,6 +61,10 @@ def test_text_encoder_override_projects_to_cross_attention(tiny_base_dir, tmp_pa
     ids = base.tokenizer(["large left pleural effusion"], padding="max_length", max_length=77, return_tensors="pt")
     states = base.text_encoder(ids.input_ids)[0]
     assert states.shape == (1, 77, base.unet.config.cross_attention_dim)
+    torch.rand(3)  # whatever drew random numbers before, a new projection starts from its seed's weights
+    assert torch.equal(models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path)).text_encoder(ids.input_ids)[0], states)
+    other = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path), seed=1).text_encoder(ids.input_ids)[0]
+    assert not torch.equal(other, states)
     saved = tmp_path / "saved"
     models.save_base(base, saved)
     again = models.load_base(str(saved))
@@ -112,6 +116,13 @@ def test_pickled_weights_are_refused_with_the_reason(tiny_base_dir, tmp_path):
     weights.rename(weights.with_suffix(".bin"))  # the bytes never get unpickled: the name alone is refused
     with pytest.raises(models.WeightsError, match=r"unet/diffusion_pytorch_model.bin is a pickled weight file.*unpickling"):
         models.load_base(str(folder))
+
+
+def test_a_pickled_lora_adapter_is_refused(tiny_base_dir, tmp_path):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.bin").write_bytes(b"not unpickled: the name alone is refused")
+    with pytest.raises(models.WeightsError, match=r"pytorch_lora_weights.bin is a pickled weight file"):
+        models.load_pipeline(str(tiny_base_dir), tmp_path / "lora")
 
 
 def test_truncated_weights_name_the_file(tiny_base_dir, tmp_path):

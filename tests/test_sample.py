@@ -94,6 +94,8 @@ def test_inpainting_keeps_the_unmasked_pixels(runs):
     out = sample.inpaint(model, [image], [mask], ["large right pneumothorax"], [0], SETTINGS)[0]
     rgb = np.repeat(image[..., None], 3, axis=2)
     assert np.array_equal(out[~mask], rgb[~mask]) and not np.array_equal(out[mask], rgb[mask])
+    with pytest.raises(sample.SamplingError, match="got 2 images, 1 masks and 2 prompts"):
+        sample.inpaint(model, [image, image], [mask], ["a", "b"], [0, 1], SETTINGS)
 
 
 def test_outpainting_extends_the_border(runs):
@@ -203,6 +205,9 @@ def test_prompt_csv_needs_a_prompt_column(tmp_path):
         synthetic.csv_prompts(tmp_path / "p.csv")
     (tmp_path / "q.csv").write_text("prompt,note\nlarge left pleural effusion,x\n")
     assert synthetic.csv_prompts(tmp_path / "q.csv").prompt.tolist() == ["large left pleural effusion"]
+    (tmp_path / "r.csv").write_text("prompt,note\nlarge left pleural effusion,x\n,y\n")
+    with pytest.raises(sample.SamplingError, match="'prompt' column is empty in data rows 1 "):
+        synthetic.csv_prompts(tmp_path / "r.csv")
 
 
 def test_bad_specs_and_sweeps_are_refused():

@@ -108,6 +108,15 @@ def test_a_run_for_other_max_steps_is_set_aside_not_resumed(tiny_world):
     assert all(torch.equal(before[f][k], kept[f][k]) for f in before for k in before[f])
 
 
+def test_a_run_started_afresh_sets_the_old_checkpoints_aside(tiny_world):
+    run(tiny_world, run_name="afresh", resume=False)
+    with pytest.warns(UserWarning, match="has checkpoints and resume=False; moved it to afresh.stale-1"):
+        again = run(tiny_world, run_name="afresh", resume=False, max_steps=6)
+    # the old checkpoint-12 would otherwise outrank this run's and be what a later resume continues from
+    assert [s for s, _ in checkpoints.list_checkpoints(again.run_dir)] == [6]
+    assert [s for s, _ in checkpoints.list_checkpoints(again.run_dir.with_name("afresh.stale-1"))] == [6, 12]
+
+
 def test_variant_runs_are_named_after_the_variant_and_prefixed_by_run_name(tiny_world):
     plain = train.variant_configs(dataclasses.replace(tiny_world, full_variants="unet,both"))
     assert {name: c.run_path.name for name, c in plain.items()} == {"unet": "full_unet", "both": "full_unet_te"}

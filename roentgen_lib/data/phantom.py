@@ -2,7 +2,7 @@
 
 `render(labels, mask, rng, size)` draws a body (soft tissue, spine, ribs, clavicles, mediastinum,
 heart, diaphragm), air-filled lungs with vessel markings, then every finding the labels call for,
-with its side and severity, and returns the image in [0, 1] plus what was actually drawn.
+with its side and severity, and returns the image (uint8, 0-255) plus what was actually drawn.
 Display convention as on a PA radiograph: the patient's right is on the viewer's left.
 
 Labels come from `roentgen_lib.text.labels.label_report`. Positive findings are drawn; uncertain

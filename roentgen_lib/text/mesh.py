@@ -50,7 +50,7 @@ def mesh_observations(mesh: Sequence[str]) -> set[str]:
 
 
 def predicted_observations(text: str) -> set[str]:
-    """Observations the labeler finds positive or uncertain in a report text."""
+    """Observations the labeler finds positive in a report text (uncertain mentions do not count)."""
     return {obs for obs, lab in label_report(text).items() if lab["status"] == "positive"}
 
 
