@@ -438,10 +438,13 @@ def mean_pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 256, seed: int = 
     return float(scores.mean())
 
 
-def diversity_table(images: np.ndarray, groups: list[str], **keys) -> pd.DataFrame:
-    """Mean pairwise MS-SSIM within each group (same prompt, or same labels), averaged over groups."""
+def diversity_table(images: np.ndarray, groups: list[str], seed: int = 0, **keys) -> pd.DataFrame:
+    """Mean pairwise MS-SSIM within each group (same prompt, or same labels), averaged over groups.
+
+    `seed` draws the pairs of a group too large to compare every pair (see `mean_pairwise_ms_ssim`).
+    """
     frame = pd.DataFrame({"group": groups})
-    values = [mean_pairwise_ms_ssim(images[idx.to_numpy()]) for _, idx in frame.groupby("group").groups.items()
+    values = [mean_pairwise_ms_ssim(images[idx.to_numpy()], seed=seed) for _, idx in frame.groupby("group").groups.items()
               if len(idx) > 1]
     return pd.DataFrame([{**keys, "metric": "MS-SSIM within group", "value": round(float(np.mean(values)), 4),
                           "groups": len(values)}])

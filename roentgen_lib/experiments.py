@@ -234,7 +234,8 @@ def score_model(cfg: Config, name: str, data: datasets.Dataset, judge: FindingNe
     test_rows = sets == "test"
     real = counterparts(cfg, np.array(data["source"])[test_rows][:: cfg.images_per_prompt])
     tables.append(fid_table(extractors, real, images[test_rows], model=name, prompts="test"))
-    tables.append(diversity_table(images[test_rows], list(np.array(data["prompt"])[test_rows]), model=name, prompts="test"))
+    tables.append(diversity_table(images[test_rows], list(np.array(data["prompt"])[test_rows]), cfg.seed,
+                                  model=name, prompts="test"))
     audit = memorization_audit(images, train_images, prediction["features"], train_features, thresholds)
     tables.append(memorization_summary(audit, model=name, prompts="all"))
     return pd.concat(tables, ignore_index=True)
@@ -257,7 +258,7 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
         *(table(prediction, real.test_truth, model=name, prompts="test")
           for name, prediction in judged.items() for table in (alignment_table, controllability_table)),
         fid_table(extractors, test, validation, model="real (test vs validation)", prompts="test"),
-        diversity_table(test, label_groups(truth_table(data["test"])), model="real (same labels)", prompts="test"),
+        diversity_table(test, label_groups(truth_table(data["test"])), cfg.seed, model="real (same labels)", prompts="test"),
         pretrained_alignment_table(extractors["XRV DenseNet"], real.test, real.test_truth,
                                    model="real (XRV DenseNet on test set)", prompts="test"),
     ], ignore_index=True)
@@ -401,7 +402,7 @@ def guidance_table(cfg: Config, model: Model, judge: FindingNet, images_per_prom
         keys = {"model": model.name, "guidance scale": guidance}
         rows += [{**keys, "metric": "FID (FindingNet (ours))", "value": float(f"{frechet_distance(extractor, real, drawn):.4g}")},
                  {**keys, "metric": "MS-SSIM within group",
-                  "value": round(float(diversity_table(drawn, list(test_jobs.prompt))["value"].iloc[0]), 4)}]
+                  "value": round(float(diversity_table(drawn, list(test_jobs.prompt), cfg.seed)["value"].iloc[0]), 4)}]
         control = controllability_table(predict(judge, spec_images), spec_truth)
         rows += [{**keys, "metric": f"{finding} {metric.split(' (')[0]}", "value": value}
                  for finding, metric, value in zip(control.finding, control.metric, control.value)]

@@ -262,6 +262,10 @@ def test_ms_ssim_is_one_for_copies_and_low_for_noise():
     assert evaluate.mean_pairwise_ms_ssim(np.repeat(noise_images(1, 3, 64), 40, axis=0), max_pairs=20) == pytest.approx(1.0, abs=1e-4)
     table = evaluate.diversity_table(np.concatenate([copies, noise_images(4, 2, 64)]), ["a"] * 4 + ["b"] * 4)
     assert table["groups"].iloc[0] == 2 and 0.4 < table["value"].iloc[0] < 0.7
+    # a group too large for every pair (435 > 256) is sampled with the given seed
+    mixed = np.concatenate([np.repeat(noise_images(1, 4, 64), 15, axis=0), noise_images(15, 5, 64)])
+    by_seed = [evaluate.diversity_table(mixed, ["a"] * 30, seed)["value"].iloc[0] for seed in (0, 0, 1)]
+    assert by_seed[0] == by_seed[1] != by_seed[2]
 
 
 def test_auroc_is_one_for_a_perfect_judge_and_near_half_for_shuffled_labels():
