@@ -296,9 +296,9 @@ def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: flo
     source = str(finetuned) if finetuned is not None and (finetuned / "model_index.json").is_file() else base_path
     pipe = load_base(source).pipeline()
     if finetuned is not None and source == base_path:
+        refuse_pickled(finetuned)
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # a U-Net-only adapter is not worth a warning per load
-        refuse_pickled(finetuned)
         try:
             pipe.load_lora_weights(str(finetuned), adapter_name="finetuned", use_safetensors=True)
         except (RuntimeError, ValueError) as error:

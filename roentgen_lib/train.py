@@ -349,17 +349,20 @@ def set_aside_if_stale(run_dir: Path, inputs: str, max_steps: int) -> None:
         reason = f"was trained for max_steps={planned}, not {max_steps} (its learning-rate schedule spans them)"
     else:
         return
-    set_aside(run_dir, reason)
+    set_aside(run_dir, reason, stacklevel=3)
 
 
-def set_aside(run_dir: Path, reason: str) -> None:
-    """Rename a run folder to `<name>.stale-N` (the first free N) and warn why: kept, never deleted."""
+def set_aside(run_dir: Path, reason: str, stacklevel: int = 2) -> None:
+    """Rename a run folder to `<name>.stale-N` (the first free N) and warn why: kept, never deleted.
+
+    The warning names the training loop's line (2 from the loop itself, 3 through `set_aside_if_stale`).
+    """
     n = 1
     while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
         n += 1
     aside = run_dir.with_name(f"{run_dir.name}.stale-{n}")
     os.replace(run_dir, aside)
-    warnings.warn(f"{run_dir} {reason}; moved it to {aside.name} and starting this run afresh", stacklevel=3)
+    warnings.warn(f"{run_dir} {reason}; moved it to {aside.name} and starting this run afresh", stacklevel=stacklevel)
 
 
 def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) -> int:

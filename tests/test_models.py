@@ -121,8 +121,12 @@ def test_pickled_weights_are_refused_with_the_reason(tiny_base_dir, tmp_path):
 def test_a_pickled_lora_adapter_is_refused(tiny_base_dir, tmp_path):
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "pytorch_lora_weights.bin").write_bytes(b"not unpickled: the name alone is refused")
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
     with pytest.raises(models.WeightsError, match=r"pytorch_lora_weights.bin is a pickled weight file"):
         models.load_pipeline(str(tiny_base_dir), tmp_path / "lora")
+    assert diffusers_logging.get_verbosity() == before  # a refused adapter leaves diffusers' logging as it was
 
 
 def test_truncated_weights_name_the_file(tiny_base_dir, tmp_path):

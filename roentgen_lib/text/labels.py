@@ -11,8 +11,8 @@ How it decides, per sentence and per mention:
   "no acute cardiopulmonary process", "no change in"), decide: any negation ("no", "without",
   "free of", "negative for") makes it negative, even past a hedge ("no pleural line to suggest
   pneumothorax"); else any uncertainty ("may", "possible", "cannot exclude") makes it uncertain;
-- with no cue before it, a cue after it in the same clause ("... has resolved", "... is not
-  excluded") decides; otherwise the mention is positive;
+- with no negation or uncertainty cue before it since the last scope closer, a cue after it in the
+  same clause ("... has resolved", "... is not excluded") decides; otherwise the mention is positive;
 - phrases that state normality ("heart size is normal", "costophrenic angles are sharp") are
   negative mentions of their observation;
 - across mentions of one observation: positive beats uncertain beats negative; sides of positive
@@ -314,7 +314,8 @@ def find_mentions(sentence: str) -> list[tuple[str, int, int, bool]]:
 
 
 def mention_status(sentence: str, start: int, end: int) -> str:
-    """Status of the mention at [start, end) from the nearest cue before it, else a cue after it."""
+    """Status of the mention at [start, end): from the cues before it since the last scope closer (negation
+    first, then uncertainty), else from the first cue after it."""
     kinds = [m.lastgroup for m in _PRE_CUE_RE.finditer(sentence, 0, start) if m.end() <= start]
     in_scope = kinds[len(kinds) - kinds[::-1].index("close"):] if "close" in kinds else kinds
     if "negative" in in_scope:
