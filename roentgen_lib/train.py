@@ -331,38 +331,36 @@ def inputs_fingerprint(base_weights: str, pairs: Pairs) -> str:
     return digest.hexdigest()
 
 
-def set_aside_if_stale(run_dir: Path, inputs: str, max_steps: int) -> None:
-    """Move a run folder that this run must not continue to `<name>.stale-N`, with a warning saying why.
+def reason_to_set_aside(run_dir: Path, inputs: str, max_steps: int, resume: bool) -> str | None:
+    """Why this run must not continue the checkpoints in `run_dir` (None when it may, or there are none).
 
-    Its checkpoints start from another base or dataset (say, a base rebuilt by changed code), or were
-    made for another `max_steps`, over which their learning-rate schedule runs: resuming either would
-    not end where an uninterrupted run does. They are kept, renamed, never deleted.
+    They start from another base or dataset (say, a base rebuilt by changed code), or were made for
+    another `max_steps`, over which their learning-rate schedule runs: resuming either would not end
+    where an uninterrupted run does. With `resume=False` they would outrank this run's checkpoints
+    (the newest steps are kept) and be what a later resume continues from.
     """
     folder = latest_checkpoint(run_dir)
     if folder is None:
-        return
+        return None
+    if not resume:
+        return "has checkpoints and resume=False"
     saved = load_state(folder, "inputs") if (folder / "inputs.json").is_file() else None
     planned = load_state(folder, "run").get("max_steps") if (folder / "run.json").is_file() else max_steps
     if saved != inputs:
-        reason = "was trained from a different base model or dataset"
-    elif planned != max_steps:
-        reason = f"was trained for max_steps={planned}, not {max_steps} (its learning-rate schedule spans them)"
-    else:
-        return
-    set_aside(run_dir, reason, stacklevel=3)
+        return "was trained from a different base model or dataset"
+    if planned != max_steps:
+        return f"was trained for max_steps={planned}, not {max_steps} (its learning-rate schedule spans them)"
+    return None
 
 
-def set_aside(run_dir: Path, reason: str, stacklevel: int = 2) -> None:
-    """Rename a run folder to `<name>.stale-N` (the first free N) and warn why: kept, never deleted.
-
-    The warning names the training loop's line (2 from the loop itself, 3 through `set_aside_if_stale`).
-    """
+def set_aside(run_dir: Path, reason: str) -> None:
+    """Rename a run folder to `<name>.stale-N` (the first free N) and warn why: kept, never deleted."""
     n = 1
     while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
         n += 1
     aside = run_dir.with_name(f"{run_dir.name}.stale-{n}")
     os.replace(run_dir, aside)
-    warnings.warn(f"{run_dir} {reason}; moved it to {aside.name} and starting this run afresh", stacklevel=stacklevel)
+    warnings.warn(f"{run_dir} {reason}; moved it to {aside.name} and starting this run afresh", stacklevel=2)
 
 
 def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) -> int:
@@ -375,8 +373,9 @@ def restore(run_dir: Path, models, optimizer, lr_scheduler, ema, cfg: Config) ->
         raise ValueError(f"{folder} records no run settings (written by an older version); use resume=False")
     check_same_run(states["run"], cfg, folder)
     for name, model in models.items():
-        missing, unexpected = model.load_state_dict(states["models"][name], strict=False)
-        foreign = sorted(set(unexpected) | (set(states["models"][name]) - {k for k, _ in model.named_parameters()}))
+        model.load_state_dict(states["models"][name], strict=False)
+        # saved weights that are no trained parameter of this model (this includes load_state_dict's "unexpected")
+        foreign = sorted(set(states["models"][name]) - {k for k, _ in model.named_parameters()})
         if foreign:
             raise ValueError(f"{folder}: weights for {name} do not fit this model (e.g. {', '.join(foreign[:3])})")
     optimizer.load_state_dict(states["optimizer"])
@@ -493,11 +492,8 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     val = cache_pairs(base, *val_data, cfg.image_size, frozen_text, progress=False, cache_dir=cache_dir)
     rows = np.arange(len(train)) if rows is None else rows
     inputs = inputs_fingerprint(base_weights, train)
-    if cfg.resume and main:
-        set_aside_if_stale(run_dir, inputs, cfg.max_steps)
-    elif main and latest_checkpoint(run_dir) is not None:
-        # Left in place, its checkpoints would outrank this run's (the newest steps are kept) and be resumed later.
-        set_aside(run_dir, "has checkpoints and resume=False")
+    if main and (reason := reason_to_set_aside(run_dir, inputs, cfg.max_steps, cfg.resume)):
+        set_aside(run_dir, reason)
     accelerator.wait_for_everyone()
     params = trained_parameters(models)
     optimizer = make_optimizer(params, cfg)
