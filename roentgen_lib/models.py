@@ -116,6 +116,14 @@ class ProjectedTextEncoder(nn.Module):
         return encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
+        """Projected hidden states of every token; padding is masked out when no mask is given.
+
+        Pipelines and our training loop pass token ids only. CLIP's causal attention never lets a
+        token see the padding after it, but a bidirectional encoder (BERT and kin) would read it.
+        """
+        pad = self.encoder.config.pad_token_id
+        if attention_mask is None and pad is not None:
+            attention_mask = (input_ids != pad).long()
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return (self.projection(hidden),)
 
@@ -139,7 +147,9 @@ def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0)
     if text_source:
         encoder = ProjectedTextEncoder.load(text_source, unet.config.cross_attention_dim, seed)
         tokenizer = AutoTokenizer.from_pretrained(text_source)
-        tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+        # Stable Diffusion's 77-token context, as with CLIP: a BERT's 512 would widen every cross-attention
+        # and text cache 6.6x and truncate reports differently from the CLIP runs it is compared with
+        tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings, CONTEXT_LENGTH)
     else:
         encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **load)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")

@@ -46,12 +46,12 @@ def test_load_base_names_a_folder_that_is_not_a_pipeline(tmp_path):
         models.load_base(str(tmp_path))
 
 
-def make_text_model(folder):
+def make_text_model(folder, context=77):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "large", "left", "pleural", "effusion", "no"]
     (folder / "vocab.txt").write_text("\n".join(vocab))
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=77)
+                        intermediate_size=32, max_position_embeddings=context)
     BertModel(config).save_pretrained(folder, safe_serialization=True)
 
 
@@ -71,6 +71,18 @@ def test_text_encoder_override_projects_to_cross_attention(tiny_base_dir, tmp_pa
     assert torch.equal(again.text_encoder(ids.input_ids)[0], states)
     image = again.pipeline()("no effusion", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_text_encoder_override_reads_77_tokens_and_ignores_padding(tiny_base_dir, tmp_path):
+    make_text_model(tmp_path, context=512)
+    base = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path))
+    assert base.tokenizer.model_max_length == 77  # Stable Diffusion's context, not the encoder's 512
+    prompt = ["no large left pleural effusion"]
+    short = base.tokenizer(prompt, return_tensors="pt").input_ids
+    padded = base.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        alone, with_padding = base.text_encoder(short)[0], base.text_encoder(padded)[0]
+    assert torch.allclose(with_padding[:, : short.shape[1]], alone, atol=1e-6)
 
 
 def test_pretrained_vae_gets_a_unit_variance_scaling_factor():
