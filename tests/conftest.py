@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from roentgen_lib import config, models
 from roentgen_lib.data import dataset
@@ -37,6 +38,19 @@ def tiny_world(tmp_path_factory):
                          models_dir=str(root / "models"))
     dataset.build_dataset(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory) -> Path:
+    """A tiny BERT with its tokenizer (512-token context, as BERTs have): a stand-in domain text encoder."""
+    folder = tmp_path_factory.mktemp("bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "large", "left", "pleural", "effusion", "no"]
+    (folder / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    bert = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=512)
+    BertModel(bert).save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 @pytest.fixture

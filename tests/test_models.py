@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from roentgen_lib import models
 from roentgen_lib.data.general import render_scene
@@ -46,24 +45,14 @@ def test_load_base_names_a_folder_that_is_not_a_pipeline(tmp_path):
         models.load_base(str(tmp_path))
 
 
-def make_text_model(folder, context=77):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "large", "left", "pleural", "effusion", "no"]
-    (folder / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=context)
-    BertModel(config).save_pretrained(folder, safe_serialization=True)
-
-
-def test_text_encoder_override_projects_to_cross_attention(tiny_base_dir, tmp_path):
-    make_text_model(tmp_path)
-    base = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path))
+def test_text_encoder_override_projects_to_cross_attention(tiny_base_dir, text_model_dir, tmp_path):
+    base = models.load_base(str(tiny_base_dir), text_encoder=str(text_model_dir))
     ids = base.tokenizer(["large left pleural effusion"], padding="max_length", max_length=77, return_tensors="pt")
     states = base.text_encoder(ids.input_ids)[0]
     assert states.shape == (1, 77, base.unet.config.cross_attention_dim)
     torch.rand(3)  # whatever drew random numbers before, a new projection starts from its seed's weights
-    assert torch.equal(models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path)).text_encoder(ids.input_ids)[0], states)
-    other = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path), seed=1).text_encoder(ids.input_ids)[0]
+    assert torch.equal(models.load_base(str(tiny_base_dir), text_encoder=str(text_model_dir)).text_encoder(ids.input_ids)[0], states)
+    other = models.load_base(str(tiny_base_dir), text_encoder=str(text_model_dir), seed=1).text_encoder(ids.input_ids)[0]
     assert not torch.equal(other, states)
     saved = tmp_path / "saved"
     models.save_base(base, saved)
@@ -73,9 +62,8 @@ def test_text_encoder_override_projects_to_cross_attention(tiny_base_dir, tmp_pa
     assert image.shape == (1, 32, 32, 3)
 
 
-def test_text_encoder_override_reads_77_tokens_and_ignores_padding(tiny_base_dir, tmp_path):
-    make_text_model(tmp_path, context=512)
-    base = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path))
+def test_text_encoder_override_reads_77_tokens_and_ignores_padding(tiny_base_dir, text_model_dir):
+    base = models.load_base(str(tiny_base_dir), text_encoder=str(text_model_dir))
     assert base.tokenizer.model_max_length == 77  # Stable Diffusion's context, not the encoder's 512
     prompt = ["no large left pleural effusion"]
     short = base.tokenizer(prompt, return_tensors="pt").input_ids

@@ -145,6 +145,19 @@ def test_text_encoder_only_leaves_the_unet_untouched(tiny_world):
     assert "validation,loss" in log and (result.run_dir / "validation" / "step-000012.png").is_file()
 
 
+def test_unet_run_with_a_domain_text_encoder_keeps_the_encoder_and_samples(tiny_world, text_model_dir):
+    """03's `text_encoder` parameter: the U-Net learns from the cached states of a frozen BERT-style encoder."""
+    result = run(tiny_world, text_encoder=str(text_model_dir), run_name="domain_text", resume=False)
+    tuned = models.load_base(str(result.output_dir))
+    given = models.load_base(tiny_world.base_model_path, text_encoder=str(text_model_dir), seed=tiny_world.seed)
+    assert isinstance(tuned.text_encoder, models.ProjectedTextEncoder) and tuned.tokenizer.model_max_length == 77
+    assert all(torch.equal(p, q) for p, q in zip(tuned.text_encoder.parameters(), given.text_encoder.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(tuned.unet.parameters(), given.unet.parameters()))
+    grid = models.sample_grid(models.load_pipeline(tiny_world.base_model_path, result.output_dir),
+                              ["no large left pleural effusion"], 0, steps=2)
+    assert np.isfinite(grid).all() and grid.std() > 0
+
+
 def test_lora_output_loads_and_scale_zero_is_the_base(tiny_world):
     # on the base's own schedule (zero_terminal_snr gives the adapters a schedule of their own)
     result = run(tiny_world, method="lora", run_name="lora_scale", resume=False, zero_terminal_snr=False)
