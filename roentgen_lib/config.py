@@ -422,6 +422,9 @@ def check_conflicts(cfg: Config, chosen: set[str]) -> None:
     if cfg.text_encoder is not None and cfg.method == "lora":
         raise ConfigError(f"parameter 'text_encoder' ({cfg.text_encoder!r}) needs method='full': a LoRA run saves its "
                           "adapters only, not the new text encoder's projection, so it could not be sampled again")
+    if cfg.text_encoder is not None and cfg.run_name is None:
+        raise ConfigError(f"parameter 'text_encoder' ({cfg.text_encoder!r}) needs a run_name: without one its runs take "
+                          "the names of the CLIP runs (full_unet, ...), which would be set aside and scored no more")
     if "text_encoder_max_steps" in chosen and cfg.method != "full":
         raise ConfigError(f"parameter 'text_encoder_max_steps' applies to full fine-tuning only, but method={cfg.method!r}")
     if "base_dir" in chosen and cfg.base_model is not None:

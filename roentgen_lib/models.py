@@ -88,6 +88,7 @@ class ProjectedTextEncoder(nn.Module):
         with torch.random.fork_rng(devices=[]):  # a new projection starts from the same weights for a seed
             torch.manual_seed(seed)
             self.projection = nn.Linear(encoder.config.hidden_size, width)
+        self.pad_token_id = encoder.config.pad_token_id  # load_base sets the tokenizer's, which is what pads
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,6 +102,10 @@ class ProjectedTextEncoder(nn.Module):
     def config(self):
         """The wrapped encoder's config (pipelines read flags such as use_attention_mask from it)."""
         return self.encoder.config
+
+    def gradient_checkpointing_enable(self, **kwargs: object) -> None:
+        """Checkpoint the wrapped encoder's layers (training calls this on a trained text encoder)."""
+        self.encoder.gradient_checkpointing_enable(**kwargs)
 
     def save(self, folder: Path) -> None:
         """Encoder as a Hugging Face folder plus the projection as safetensors."""
@@ -121,9 +126,8 @@ class ProjectedTextEncoder(nn.Module):
         Pipelines and our training loop pass token ids only. CLIP's causal attention never lets a
         token see the padding after it, but a bidirectional encoder (BERT and kin) would read it.
         """
-        pad = self.encoder.config.pad_token_id
-        if attention_mask is None and pad is not None:
-            attention_mask = (input_ids != pad).long()
+        if attention_mask is None and self.pad_token_id is not None:
+            attention_mask = (input_ids != self.pad_token_id).long()
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return (self.projection(hidden),)
 
@@ -150,6 +154,7 @@ def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0)
         # Stable Diffusion's 77-token context, as with CLIP: a BERT's 512 would widen every cross-attention
         # and text cache 6.6x and truncate reports differently from the CLIP runs it is compared with
         tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings, CONTEXT_LENGTH)
+        encoder.pad_token_id = tokenizer.pad_token_id  # a model config's pad id may not be its tokenizer's (CLIP's)
     else:
         encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **load)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")

@@ -30,7 +30,7 @@ def test_none_keeps_profile_value_and_overrides_apply():
         ({"lora_rank": 4}, "parameter 'lora_rank' applies to LoRA only, but method='full'"),
         ({"mimic_root": "/"}, "parameter 'mimic_root' is set but data_source='phantom'"),
         ({"data_source": "mimic", "mimic_root": "/no/such/mimic"}, "parameter 'mimic_root': folder '/no/such/mimic' does not exist"),
-        ({"text_encoder": "models/no-encoder"}, "parameter 'text_encoder': folder 'models/no-encoder' does not exist"),
+        ({"text_encoder": "models/no-encoder", "run_name": "bert"}, "parameter 'text_encoder': folder 'models/no-encoder' does not exist"),
         ({"base_model": "./no-base"}, "parameter 'base_model': folder './no-base' does not exist"),
         ({"synthetic_split_prompts": 0}, "'synthetic_split_prompts' must be >= 1 or None"),
         ({"data_workers": -1}, "'data_workers' must be >= 0"),
@@ -81,10 +81,12 @@ def test_base_dir_moves_the_projects_base_and_conflicts_with_a_given_base(tmp_pa
         config.resolve("tiny", base_dir=str(tmp_path / "b"), base_model=str(tmp_path))
 
 
-def test_a_domain_text_encoder_needs_full_fine_tuning(tmp_path):
-    assert config.resolve("tiny", text_encoder=str(tmp_path)).text_encoder == str(tmp_path)
+def test_a_domain_text_encoder_needs_full_fine_tuning_and_a_run_name(tmp_path):
+    assert config.resolve("tiny", text_encoder=str(tmp_path), run_name="bert").text_encoder == str(tmp_path)
     with pytest.raises(config.ConfigError, match="'text_encoder' .* needs method='full'"):
-        config.resolve("tiny", text_encoder=str(tmp_path), method="lora")
+        config.resolve("tiny", text_encoder=str(tmp_path), method="lora", run_name="bert")
+    with pytest.raises(config.ConfigError, match="'text_encoder' .* needs a run_name: .* names of the CLIP runs"):
+        config.resolve("tiny", text_encoder=str(tmp_path))
 
 
 def test_a_hub_id_is_not_taken_for_a_missing_folder():

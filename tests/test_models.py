@@ -1,5 +1,6 @@
 """Tiny SD components, loading a base from a local folder, the text-encoder override, the general domain."""
 
+import json
 import shutil
 
 import numpy as np
@@ -71,6 +72,22 @@ def test_text_encoder_override_reads_77_tokens_and_ignores_padding(tiny_base_dir
     with torch.no_grad():
         alone, with_padding = base.text_encoder(short)[0], base.text_encoder(padded)[0]
     assert torch.allclose(with_padding[:, : short.shape[1]], alone, atol=1e-6)
+
+
+def test_text_encoder_override_masks_the_tokenizers_padding_and_can_checkpoint(tiny_base_dir, text_model_dir, tmp_path):
+    """A model config may name another pad id than its tokenizer pads with (CLIP's configs say 1)."""
+    shutil.copytree(text_model_dir, tmp_path / "bert")
+    settings = json.loads((tmp_path / "bert" / "config.json").read_text())
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({**settings, "pad_token_id": 5}))  # 5 is "large"
+    base = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path / "bert"))
+    prompt = ["no large left pleural effusion"]
+    short = base.tokenizer(prompt, return_tensors="pt").input_ids
+    padded = base.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        alone, with_padding = base.text_encoder(short)[0], base.text_encoder(padded)[0]
+    assert torch.allclose(with_padding[:, : short.shape[1]], alone, atol=1e-6)
+    base.text_encoder.gradient_checkpointing_enable()  # what training calls with gradient_checkpointing=True
+    assert base.text_encoder.encoder.is_gradient_checkpointing
 
 
 def test_pretrained_vae_gets_a_unit_variance_scaling_factor():
