@@ -63,15 +63,20 @@ def test_text_encoder_override_projects_to_cross_attention(tiny_base_dir, text_m
     assert image.shape == (1, 32, 32, 3)
 
 
-def test_text_encoder_override_reads_77_tokens_and_ignores_padding(tiny_base_dir, text_model_dir):
-    base = models.load_base(str(tiny_base_dir), text_encoder=str(text_model_dir))
-    assert base.tokenizer.model_max_length == 77  # Stable Diffusion's context, not the encoder's 512
+def padding_leaves_the_prompt_unchanged(base: models.Base) -> bool:
+    """The prompt's token states are the same alone and padded to 77 tokens."""
     prompt = ["no large left pleural effusion"]
     short = base.tokenizer(prompt, return_tensors="pt").input_ids
     padded = base.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         alone, with_padding = base.text_encoder(short)[0], base.text_encoder(padded)[0]
-    assert torch.allclose(with_padding[:, : short.shape[1]], alone, atol=1e-6)
+    return torch.allclose(with_padding[:, : short.shape[1]], alone, atol=1e-6)
+
+
+def test_text_encoder_override_reads_77_tokens_and_ignores_padding(tiny_base_dir, text_model_dir):
+    base = models.load_base(str(tiny_base_dir), text_encoder=str(text_model_dir))
+    assert base.tokenizer.model_max_length == 77  # Stable Diffusion's context, not the encoder's 512
+    assert padding_leaves_the_prompt_unchanged(base)
 
 
 def test_text_encoder_override_masks_the_tokenizers_padding_and_can_checkpoint(tiny_base_dir, text_model_dir, tmp_path):
@@ -80,12 +85,7 @@ def test_text_encoder_override_masks_the_tokenizers_padding_and_can_checkpoint(t
     settings = json.loads((tmp_path / "bert" / "config.json").read_text())
     (tmp_path / "bert" / "config.json").write_text(json.dumps({**settings, "pad_token_id": 5}))  # 5 is "large"
     base = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path / "bert"))
-    prompt = ["no large left pleural effusion"]
-    short = base.tokenizer(prompt, return_tensors="pt").input_ids
-    padded = base.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        alone, with_padding = base.text_encoder(short)[0], base.text_encoder(padded)[0]
-    assert torch.allclose(with_padding[:, : short.shape[1]], alone, atol=1e-6)
+    assert padding_leaves_the_prompt_unchanged(base)
     base.text_encoder.gradient_checkpointing_enable()  # what training calls with gradient_checkpointing=True
     assert base.text_encoder.encoder.is_gradient_checkpointing
 
