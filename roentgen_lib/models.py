@@ -103,9 +103,9 @@ class ProjectedTextEncoder(nn.Module):
         """The wrapped encoder's config (pipelines read flags such as use_attention_mask from it)."""
         return self.encoder.config
 
-    def gradient_checkpointing_enable(self, **kwargs: object) -> None:
+    def activation_checkpointing_enable(self, **kwargs: object) -> None:
         """Checkpoint the wrapped encoder's layers (training calls this on a trained text encoder)."""
-        self.encoder.gradient_checkpointing_enable(**kwargs)
+        self.encoder.activation_checkpointing_enable(**kwargs)
 
     def save(self, folder: Path) -> None:
         """Encoder as a Hugging Face folder plus the projection as safetensors."""

@@ -485,7 +485,7 @@ def run_training(cfg: Config, train_data: tuple[list, list[str]], val_data: tupl
     if cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if "text_encoder" in models:
-            base.text_encoder.gradient_checkpointing_enable()
+            base.text_encoder.activation_checkpointing_enable()  # transformers 5 renamed gradient_checkpointing_enable
     frozen_text = "text_encoder" not in models
     cache_dir = cfg.models_path / LATENT_CACHE
     train = cache_pairs(base, *train_data, cfg.image_size, frozen_text, progress=cfg.progress and main, cache_dir=cache_dir)

@@ -86,8 +86,8 @@ def test_text_encoder_override_masks_the_tokenizers_padding_and_can_checkpoint(t
     (tmp_path / "bert" / "config.json").write_text(json.dumps({**settings, "pad_token_id": 5}))  # 5 is "large"
     base = models.load_base(str(tiny_base_dir), text_encoder=str(tmp_path / "bert"))
     assert padding_leaves_the_prompt_unchanged(base)
-    base.text_encoder.gradient_checkpointing_enable()  # what training calls with gradient_checkpointing=True
-    assert base.text_encoder.encoder.is_gradient_checkpointing
+    base.text_encoder.activation_checkpointing_enable()  # what training calls with gradient_checkpointing=True
+    assert base.text_encoder.encoder.is_activation_checkpointing
 
 
 def test_pretrained_vae_gets_a_unit_variance_scaling_factor():

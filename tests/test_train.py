@@ -158,6 +158,17 @@ def test_unet_run_with_a_domain_text_encoder_keeps_the_encoder_and_samples(tiny_
     assert np.isfinite(grid).all() and grid.std() > 0
 
 
+def test_gradient_checkpointing_trains_the_same_weights(tiny_world):
+    """Recomputing activations in the backward pass (paper profile) changes memory, not the result."""
+    plain, checkpointed = (run(tiny_world, train_text_encoder=True, max_steps=3, run_name=f"checkpointing_{on}",
+                               resume=False, gradient_checkpointing=on) for on in (False, True))
+    expected, found = weights(plain.output_dir), weights(checkpointed.output_dir)
+    assert expected.keys() == found.keys()
+    for name, tensors in expected.items():
+        for key, tensor in tensors.items():
+            assert torch.allclose(tensor, found[name][key], atol=1e-6), (name, key)
+
+
 def test_lora_output_loads_and_scale_zero_is_the_base(tiny_world):
     # on the base's own schedule (zero_terminal_snr gives the adapters a schedule of their own)
     result = run(tiny_world, method="lora", run_name="lora_scale", resume=False, zero_terminal_snr=False)
