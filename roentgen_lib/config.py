@@ -88,6 +88,9 @@ class Config:
     unet_lora_targets: str = "to_q,to_k,to_v,to_out.0"  # U-Net modules that get adapters
     text_lora_targets: str = "q_proj,k_proj,v_proj,out_proj"  # text-encoder modules that get adapters
     learning_rate: float = 1e-3  # peak learning rate
+    # peak rate of the text encoder's own weights (kohya's text_encoder_lr: a pretrained encoder is tuned
+    # gently while the U-Net and a domain encoder's new projection learn at learning_rate); None: learning_rate
+    text_encoder_learning_rate: float | None = None
     lr_scheduler: LrSchedule = "cosine"  # learning-rate schedule after warm-up
     lr_warmup_steps: int = 50  # linear warm-up steps
     batch_size: int = 32  # images per optimizer step per process (before accumulation)
@@ -337,6 +340,8 @@ def check_values(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.text_encoder_learning_rate is not None and not cfg.text_encoder_learning_rate > 0:
+        raise ConfigError(f"parameter 'text_encoder_learning_rate' must be > 0 or None, got {cfg.text_encoder_learning_rate}")
     for name in ("learning_rate", "max_grad_norm", "timestep_bias"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
@@ -425,6 +430,9 @@ def check_conflicts(cfg: Config, chosen: set[str]) -> None:
     if cfg.text_encoder is not None and cfg.run_name is None:
         raise ConfigError(f"parameter 'text_encoder' ({cfg.text_encoder!r}) needs a run_name: without one its runs take "
                           "the names of the CLIP runs (full_unet, ...), which would be set aside and scored no more")
+    if "text_encoder_learning_rate" in chosen and not cfg.train_text_encoder:
+        raise ConfigError("parameter 'text_encoder_learning_rate' applies to a trained text encoder, but "
+                          "train_text_encoder=False; set it to True or drop the rate")
     if "text_encoder_max_steps" in chosen and cfg.method != "full":
         raise ConfigError(f"parameter 'text_encoder_max_steps' applies to full fine-tuning only, but method={cfg.method!r}")
     if "base_dir" in chosen and cfg.base_model is not None:

@@ -61,7 +61,7 @@ def recipe_code() -> list[str]:
     functions = (models.build_components, models.pretrain_vae, models.fused_adamw_available, models.random_crops, models.images_to_tensor,
                  models.save_base, train.cache_pairs, train.encode_images, train.tokenize, train.encode_text,
                  train.trained_models, train.batch_indices,
-                 train.diffusion_loss, train.draw_timesteps, train.make_optimizer, train.step_generator, train.run_training,
+                 train.diffusion_loss, train.draw_timesteps, train.optimizer_groups, train.make_optimizer, train.step_generator, train.run_training,
                  general_scenes, pretraining_config, build_base)
     constants = repr((models.ARCHITECTURES, models.SD_SCHEDULER, models.SCALING_SCENES, models.VAE_BATCH_SIZE,
                        train.CAPTION_DROPOUT))

@@ -89,6 +89,14 @@ def test_a_domain_text_encoder_needs_full_fine_tuning_and_a_run_name(tmp_path):
         config.resolve("tiny", text_encoder=str(tmp_path))
 
 
+def test_a_text_encoder_learning_rate_needs_a_trained_text_encoder():
+    assert config.resolve("tiny", train_text_encoder=True, text_encoder_learning_rate=1e-5).text_encoder_learning_rate == 1e-5
+    with pytest.raises(config.ConfigError, match="'text_encoder_learning_rate' applies to a trained text encoder"):
+        config.resolve("tiny", text_encoder_learning_rate=1e-5)
+    with pytest.raises(config.ConfigError, match="'text_encoder_learning_rate' must be > 0 or None, got 0"):
+        config.resolve("tiny", train_text_encoder=True, text_encoder_learning_rate=0.0)
+
+
 def test_a_hub_id_is_not_taken_for_a_missing_folder():
     assert config.resolve("tiny", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5").base_model_path == \
         "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -158,6 +158,21 @@ def test_unet_run_with_a_domain_text_encoder_keeps_the_encoder_and_samples(tiny_
     assert np.isfinite(grid).all() and grid.std() > 0
 
 
+def test_text_encoder_learning_rate_applies_to_the_encoders_own_weights(tiny_world, text_model_dir):
+    """kohya's text_encoder_lr: a near-zero rate keeps the encoder; the U-Net and a new projection still learn."""
+    result = run(tiny_world, train_text_encoder=True, text_encoder_learning_rate=1e-12, text_encoder=str(text_model_dir),
+                 run_name="slow_text", resume=False)
+    tuned = models.load_base(str(result.output_dir))
+    given = models.load_base(tiny_world.base_model_path, text_encoder=str(text_model_dir), seed=tiny_world.seed)
+    for module, moved in ((lambda b: b.text_encoder.encoder, False), (lambda b: b.text_encoder.projection, True),
+                          (lambda b: b.unet, True)):
+        close = all(torch.allclose(p, q, atol=1e-9) for p, q in zip(module(tuned).parameters(), module(given).parameters()))
+        assert close != moved
+    cfg = dataclasses.replace(tiny_world, train_text_encoder=True, text_encoder_learning_rate=1e-4)
+    groups = train.optimizer_groups(train.trained_models(models.load_base(tiny_world.base_model_path), cfg), cfg)
+    assert [g.get("lr") for g in groups] == [None, 1e-4] and all(g["params"] for g in groups)
+
+
 def test_gradient_checkpointing_trains_the_same_weights(tiny_world):
     """Recomputing activations in the backward pass (paper profile) changes memory, not the result."""
     plain, checkpointed = (run(tiny_world, train_text_encoder=True, max_steps=3, run_name=f"checkpointing_{on}",
