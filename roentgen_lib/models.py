@@ -82,13 +82,14 @@ class Base:
 class ProjectedTextEncoder(nn.Module):
     """Any Hugging Face text model with a linear projection to the U-Net's cross-attention width."""
 
-    def __init__(self, encoder: nn.Module, width: int, seed: int = 0) -> None:
+    def __init__(self, encoder: nn.Module, width: int, seed: int = 0, pad_token_id: int | None = None) -> None:
+        """`pad_token_id`: the id its tokenizer pads with (a model config's may differ: CLIP's say 1)."""
         super().__init__()
         self.encoder = encoder
+        self.pad_token_id = pad_token_id
         with torch.random.fork_rng(devices=[]):  # a new projection starts from the same weights for a seed
             torch.manual_seed(seed)
             self.projection = nn.Linear(encoder.config.hidden_size, width)
-        self.pad_token_id = encoder.config.pad_token_id  # load_base sets the tokenizer's, which is what pads
 
     @property
     def dtype(self) -> torch.dtype:
@@ -113,9 +114,9 @@ class ProjectedTextEncoder(nn.Module):
         save_file(self.projection.state_dict(), str(folder / PROJECTION_FILE))
 
     @classmethod
-    def load(cls, folder: Path, width: int, seed: int = 0) -> "ProjectedTextEncoder":
+    def load(cls, folder: Path, width: int, seed: int = 0, pad_token_id: int | None = None) -> "ProjectedTextEncoder":
         """Read back what `save` wrote (or wrap a plain text model with a new projection seeded by `seed`)."""
-        encoder = cls(AutoModel.from_pretrained(folder, use_safetensors=True), width, seed)
+        encoder = cls(AutoModel.from_pretrained(folder, use_safetensors=True), width, seed, pad_token_id)
         if (Path(folder) / PROJECTION_FILE).is_file():
             encoder.projection.load_state_dict(load_file(str(Path(folder) / PROJECTION_FILE)))
         return encoder
@@ -149,12 +150,11 @@ def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0)
     saved_projection = Path(name_or_path, "text_encoder", PROJECTION_FILE).is_file()
     text_source = text_encoder or (str(Path(name_or_path, "text_encoder")) if saved_projection else None)
     if text_source:
-        encoder = ProjectedTextEncoder.load(text_source, unet.config.cross_attention_dim, seed)
         tokenizer = AutoTokenizer.from_pretrained(text_source)
+        encoder = ProjectedTextEncoder.load(text_source, unet.config.cross_attention_dim, seed, tokenizer.pad_token_id)
         # Stable Diffusion's 77-token context, as with CLIP: a BERT's 512 would widen every cross-attention
         # and text cache 6.6x and truncate reports differently from the CLIP runs it is compared with
         tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings, CONTEXT_LENGTH)
-        encoder.pad_token_id = tokenizer.pad_token_id  # a model config's pad id may not be its tokenizer's (CLIP's)
     else:
         encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **load)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")

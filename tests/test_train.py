@@ -169,7 +169,8 @@ def test_text_encoder_learning_rate_applies_to_the_encoders_own_weights(tiny_wor
         close = all(torch.allclose(p, q, atol=1e-9) for p, q in zip(module(tuned).parameters(), module(given).parameters()))
         assert close != moved
     cfg = dataclasses.replace(tiny_world, train_text_encoder=True, text_encoder_learning_rate=1e-4)
-    groups = train.optimizer_groups(train.trained_models(models.load_base(tiny_world.base_model_path), cfg), cfg)
+    trained = train.trained_models(models.load_base(tiny_world.base_model_path), cfg)
+    groups = train.optimizer_groups(train.trained_parameters(trained), trained["text_encoder"], cfg)
     assert [g.get("lr") for g in groups] == [None, 1e-4] and all(g["params"] for g in groups)
 
 
