@@ -4,8 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= demo
+# pytest workers and threads per worker: on 2 cores two one-thread workers test faster than one
+# two-thread process (docs/testing.md); the notebook kernels nbval starts inherit the thread count.
+TEST_WORKERS ?= 2
+TEST_THREADS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n / $(TEST_WORKERS) > 1 ? n / $(TEST_WORKERS) : 1 )))
+# Kernel paths of the CPU libraries (README, Testing). The committed tiny runs are made on the generic
+# path, which no machine takes by itself, so `make test` always compares one CPU's floats with another's.
+GENERIC_CPU := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
+AVX2_CPU := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup reproduce test lab tiny-runs base bench bench-train bench-sample probe-position clean
+.PHONY: setup reproduce test test-cpu-paths lab tiny-runs base bench bench-train bench-sample probe-position clean
 
 setup: $(STAMP)
 
@@ -20,7 +28,15 @@ reproduce: setup
 	$(PY) -m roentgen_lib.runs --profile $(PROFILE) $(if $(FROM),--from $(FROM))
 
 test: setup
-	$(PY) -m pytest tests papermill_runs/tiny --nbval --nbval-current-env
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) papermill_runs/tiny tests \
+		--nbval --nbval-current-env
+
+# The whole suite on each kernel path this CPU can stand in for, each from an empty data/tiny as on a
+# fresh clone: native, AVX2, generic (about 3x `make test`).
+test-cpu-paths: setup
+	rm -rf data/tiny && $(MAKE) test
+	rm -rf data/tiny && env $(AVX2_CPU) $(MAKE) test
+	rm -rf data/tiny && env ATEN_CPU_CAPABILITY=default $(MAKE) test
 
 # The project's own tiny Stable Diffusion, pretrained on general-domain scenes (built once, cached
 # in data/<profile>/base_model; the notebooks build it themselves when it is missing).
@@ -30,9 +46,11 @@ base: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
-# Regenerate the committed tiny-profile executed notebooks that nbval compares against.
+# Regenerate the committed tiny-profile executed notebooks that nbval compares against: from an empty
+# data/tiny, on the generic kernel path.
 tiny-runs: setup
-	$(PY) -m roentgen_lib.runs --profile tiny
+	rm -rf data/tiny
+	env $(GENERIC_CPU) $(PY) -m roentgen_lib.runs --profile tiny
 
 bench: setup
 	$(PY) tests/bench/bench_labeler.py

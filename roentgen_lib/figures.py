@@ -25,6 +25,15 @@ from roentgen_lib.text.tokenizer import CONTEXT_LENGTH
 sns.set_theme(style="whitegrid", context="notebook")
 
 
+def show_tables_unwrapped() -> None:
+    """Print a wide table's plain text one line per row instead of in blocks of columns.
+
+    Where a table wraps depends on how wide its numbers print, which differs between CPUs, and nbval
+    compares that text (README, Testing); Jupyter shows the HTML table either way.
+    """
+    pd.set_option("display.expand_frame_repr", False)
+
+
 def save_figure(fig: Figure, name: str, cfg: Config, inputs: dict | None = None) -> Figure:
     """Write `fig` as <figures>/<name>.png and .pdf plus a <name>.json sidecar; return the figure."""
     out = cfg.figures_path

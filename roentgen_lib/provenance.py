@@ -14,6 +14,10 @@ KEY_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "peft", "ac
                 "papermill", "nbval", "roentgen_lib")
 
 
+# Environment variables that choose the CPU libraries' vector kernels, and with them float rounding.
+KERNEL_PATH_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
+                         "OMP_NUM_THREADS")
+
 # Folders the runs write and git tracks: a run's own outputs are not a change to what made them.
 RUN_OUTPUTS = ("figures", "papermill_runs")
 
@@ -47,12 +51,17 @@ def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str | N
     return versions
 
 
-def machine() -> dict[str, str | int]:
-    """Python version, platform, CPU model and count: timings, and float rounding, differ between CPU models."""
+def machine() -> dict[str, str | int | dict]:
+    """Python version, platform, CPU model and count, and the kernel path torch takes on it: timings, and
+    float rounding, differ between CPU models, vector kernels and thread counts."""
     import os
 
+    import torch
+
+    pinned = {name: os.environ[name] for name in KERNEL_PATH_VARIABLES if name in os.environ}
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
-            "cpus": os.cpu_count() or 0}
+            "cpus": os.cpu_count() or 0, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "kernel_path_variables": pinned}
 
 
 def cpu_model() -> str:

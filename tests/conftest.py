@@ -10,9 +10,23 @@ import pandas as pd
 import pytest
 from PIL import Image
 from transformers import BertConfig, BertModel, BertTokenizerFast
+from xdist.scheduler import LoadScopeScheduling
 
 from roentgen_lib import config, models
 from roentgen_lib.data import dataset
+
+
+class NotebooksOnOneWorker(LoadScopeScheduling):
+    """pytest-xdist's scheduling for `make test`: every notebook cell goes to the same worker, in order,
+    since each tiny run reads what the notebook before it wrote into data/tiny; other tests spread one by one."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return "notebooks" if ".ipynb::" in nodeid else nodeid
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> NotebooksOnOneWorker:
+    return NotebooksOnOneWorker(config, log)
+
 
 REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)

@@ -10,10 +10,12 @@ import re
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill
 import pytest
+from nbval.plugin import get_sanitize_patterns
 
-from roentgen_lib import config, runs
+from roentgen_lib import config, figures, runs
 
 NOTEBOOKS = sorted(runs.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
 TINY_RUNS = runs.RUNS_DIR / "tiny"
@@ -68,10 +70,34 @@ def test_committed_tiny_run_is_of_the_current_notebook(notebook):
     assert 'profile = "tiny"' in injected[0].source
 
 
-def test_every_notebook_runs_on_the_tiny_profile(tmp_path):
-    records = runs.run("tiny", out_dir=tmp_path)
-    assert [r["status"] for r in records] == ["ok"] * len(NOTEBOOKS)
-    manifest = json.loads((tmp_path / "01_data_prep.manifest.json").read_text())
+def test_the_runner_executes_a_notebook_and_writes_its_manifest(tmp_path):
+    """nbval executes every notebook (`make test`); this runs one through papermill as `make reproduce` does."""
+    records = runs.run("tiny", only=["01_data_prep"], overrides={"output_dir": str(tmp_path / "dataset")},
+                       out_dir=tmp_path / "runs")
+    assert [r["status"] for r in records] == ["ok"]
+    manifest = json.loads((tmp_path / "runs" / "01_data_prep.manifest.json").read_text())
     summary = manifest["datasets"]["cxr_dataset"]
     assert len(summary["fingerprint"]) == 64 and sum(summary["rows"].values()) == 48
     assert summary["skipped"]["no_impression_or_findings"] == 28
+    assert manifest["parameters"] == {"profile": "tiny", "output_dir": str(tmp_path / "dataset")}
+
+
+def sanitized(text: str) -> str:
+    """`text` as nbval compares it in `make test` (tests/nbval_sanitize.cfg)."""
+    for regex, replace in get_sanitize_patterns((Path(__file__).parent / "nbval_sanitize.cfg").read_text()):
+        text = re.sub(regex, replace, text)
+    return text
+
+
+def test_nbval_compares_a_tables_shape_labels_and_counts_but_not_its_decimals():
+    table = pd.DataFrame({"AUROC": [0.4839, 1.0], "FID": [8.3e-05, 12.5], "images": [12, 12]}, index=["base", "full"])
+    other_cpu = table.assign(AUROC=[0.5, 1.0], FID=[0.000088, 9.25])  # narrower columns: "0.5" against "0.4839"
+    wide = {name: pd.concat({f"metric {k}": t for k in range(6)}, axis=1) for name, t in (("a", table), ("b", other_cpu))}
+    with pd.option_context("display.max_columns", 20, "display.width", 80, "display.expand_frame_repr", True):
+        figures.show_tables_unwrapped()
+        for show in (repr, pd.DataFrame.to_html):
+            assert sanitized(show(table)) == sanitized(show(other_cpu))
+            assert sanitized(show(wide["a"])) == sanitized(show(wide["b"]))  # wrapped, they would differ
+            for changed in (table.assign(images=[12, 13]), table.rename(index={"full": "lora"}),
+                            table.rename(columns={"FID": "KID"}), table.iloc[:1], table.assign(FID=[None, 12.5])):
+                assert sanitized(show(changed)) != sanitized(show(table))
