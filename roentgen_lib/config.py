@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROFILE_NAMES = ("tiny", "demo", "paper")
+Architecture = Literal["tiny", "demo", "sd-1.5", "sd-2.1"]
 DataSource = Literal["phantom", "mimic"]
 FineTuneMethod = Literal["full", "lora"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -71,6 +72,7 @@ class Config:
     base_model: str | None = None  # diffusers folder or hub id; None: the project's base, built locally
     base_dir: str | None = None  # where the project's base is built and cached; None: data/<profile>/base_model
     text_encoder: str | None = None  # local Hugging Face text model replacing CLIP (domain encoder)
+    base_architecture: Architecture = "demo"  # of the project's base: a tiny stand-in, or SD's own with random weights
     base_images: int = 4000  # general-domain scenes the project's base is pretrained on
     base_vae_steps: int = 300  # autoencoder pretraining steps of the project's base
     base_vae_batch_size: int = 32  # scenes per autoencoder pretraining step of the project's base
@@ -479,7 +481,8 @@ def shipped_file(package: str, relative: str) -> Path:
 
 
 PROFILES: dict[str, Config] = {
-    "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, data_workers=1, base_images=64,
+    "tiny": Config(profile="tiny", n_images=48, image_size=32, progress=False, data_workers=1, base_architecture="tiny",
+                   base_images=64,
                    base_vae_steps=20, base_vae_batch_size=8, base_vae_crop=16, base_steps=20, base_batch_size=8,
                    batch_size=8, max_steps=12, lr_warmup_steps=2, zero_terminal_snr=True, timestep_bias=8.0,
                    worker_processes=2, checkpoint_every=6, validation_every=6, sampling_steps=4, images_per_prompt=2,

@@ -26,36 +26,23 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
-from roentgen_lib.data.general import render_scene
-from roentgen_lib.text.tokenizer import CONTEXT_LENGTH, load_clip_tokenizer
+from roentgen_lib.text.tokenizer import CONTEXT_LENGTH
 
-# Tiny SD architectures (DESIGN.md): same block types as Stable Diffusion, far fewer channels.
-ARCHITECTURES = {
-    "tiny": {"channels": (16, 32, 32), "groups": 8, "cross_attention": 32, "text_width": 32, "text_layers": 1},
-    "demo": {"channels": (32, 64, 64), "groups": 16, "cross_attention": 64, "text_width": 64, "text_layers": 2},
-}
 PROJECTION_FILE = "text_projection.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps")  # where torch has AdamW's fused kernel
-SCALING_SCENES = 256  # whole scenes the latent scaling factor is measured on
-# Images per VAE pass when encoding or decoding many (latent caches, reconstructions). On 2 CPU cores
-# the demo VAE's 64 x 64 activations stay in the caches at 16: per image, encoding takes 3.1 ms and
-# encoding + decoding 10.5 ms, against 4.9 and 20.1 ms in batches of 64. Batches of 8-32 give the same
-# outputs; a last, smaller batch may round differently.
+# What a base is read from on the hub: the pipeline's configs, tokenizer and safetensors weights; never a
+# pickle, the safety checker, or the fp16 / non-EMA variants a repository may also hold.
+HUB_BASE_FILES = ("model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/config.json", "unet/config.json",
+                  "vae/config.json", "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                  "vae/diffusion_pytorch_model.safetensors")
 VAE_BATCH_SIZE = 16
-# Stable Diffusion's noise schedule with 2.x's v-prediction target. On 16x16 latents the noisy
-# latent alone predicts epsilon almost as well as with the prompt (true vs shuffled prompts: 0.3%
-# loss gap after 600 fine-tuning steps), so an epsilon model never learns to read its prompt; the v
-# target asks for the image itself at high noise, where only the prompt can say what to draw
-# (gap 4.9%, cardiomegaly AUROC 0.36 -> 0.99 with the same steps).
-SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
-                "clip_sample": False, "steps_offset": 1}
 
 
 class WeightsError(ValueError):
@@ -133,6 +120,36 @@ class ProjectedTextEncoder(nn.Module):
         return (self.projection(hidden),)
 
 
+def is_hub_id(name_or_path: str) -> bool:
+    """True for a hub id ("org/name"), False for a local folder (absolute, or one that exists)."""
+    return not (Path(name_or_path).is_absolute() or Path(name_or_path).exists())
+
+
+def local_base(name_or_path: str) -> str:
+    """The local diffusers folder of a base: a folder as given, or a hub id's snapshot in the Hugging Face cache.
+
+    A hub id is fetched once into the usual cache (`HF_HOME`), safetensors only (`HUB_BASE_FILES`), and
+    read from there afterwards, offline too. When it is neither cached nor reachable, the error names the
+    id and how to point `base_model` at a local copy, before any work starts.
+    """
+    if not is_hub_id(name_or_path):
+        return name_or_path
+    try:
+        folder = snapshot_download(name_or_path, allow_patterns=list(HUB_BASE_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise WeightsError(
+            f"base_model={name_or_path!r} is a hub id that is neither in the Hugging Face cache nor reachable "
+            f"({reason}). Download it where the hub can be reached (`hf download {name_or_path}` fills the same "
+            "cache; logged in if the model is gated), or point base_model at a local diffusers folder: "
+            "-p base_model=/path/to/stable-diffusion-v1-5") from error
+    missing = [f for f in ("model_index.json", *HUB_BASE_FILES[-3:]) if not (Path(folder) / f).is_file()]
+    if missing:
+        raise WeightsError(f"hub base {name_or_path!r} has no {', '.join(missing)}: this project loads safetensors "
+                           "only; convert the weights where you trust them and point base_model at that folder")
+    return folder
+
+
 def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0) -> Base:
     """Load a Stable Diffusion 1.x/2.x base from a local diffusers folder or a hub id (safetensors only).
 
@@ -140,6 +157,7 @@ def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0)
     model and its tokenizer, projected to the U-Net's cross-attention width (projection untrained,
     initialised from `seed`, so a rerun starts from the same weights and can resume).
     """
+    name_or_path = local_base(name_or_path)
     if Path(name_or_path).is_absolute() and not (Path(name_or_path) / "model_index.json").is_file():
         raise FileNotFoundError(f"base_model={name_or_path!r} is not a diffusers pipeline folder "
                                 "(no model_index.json); build the project's base with `make base`")
@@ -224,82 +242,10 @@ def save_base(base: Base, folder: Path) -> None:
     (Path(folder) / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "text_encoder": "projected"}\n')
 
 
-def build_components(profile: str, image_size: int, seed: int) -> Base:
-    """Fresh, randomly initialised tiny SD components for `profile` ("tiny" or "demo")."""
-    arch = ARCHITECTURES["tiny" if profile == "tiny" else "demo"]
-    torch.manual_seed(seed)
-    channels, groups = arch["channels"], arch["groups"]
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-        norm_num_groups=groups, sample_size=image_size)
-    # diffusers reads `attention_head_dim` as the number of heads (legacy naming): 2 heads of width
-    # 16-32 sample 1.55x faster on CPU than 8 heads of width 4-8, with no loss in alignment measured.
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2 ** (len(channels) - 1), in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=channels, norm_num_groups=groups, cross_attention_dim=arch["cross_attention"],
-        attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    text_config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=arch["text_width"], intermediate_size=2 * arch["text_width"],
-        num_hidden_layers=arch["text_layers"], num_attention_heads=2, max_position_embeddings=CONTEXT_LENGTH,
-        projection_dim=arch["cross_attention"], bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return Base(vae=vae, unet=unet, text_encoder=CLIPTextModel(text_config), tokenizer=load_clip_tokenizer(),
-                noise_scheduler=DDPMScheduler(**SD_SCHEDULER))
-
-
 def images_to_tensor(images: list, size: int) -> torch.Tensor:
     """PIL images (any mode) to a float tensor (N, 3, size, size) in [-1, 1], as SD expects."""
     arrays = [np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def pretrain_vae(vae: AutoencoderKL, size: int, steps: int, batch_size: int, seed: int,
-                 progress: bool = True, learning_rate: float = 1e-3, crop: int | None = None) -> list[float]:
-    """Train the autoencoder on general-domain scenes (no X-rays): L1 + small KL. Returns losses.
-
-    With `crop`, each step sees a random `crop` x `crop` patch of every scene: the autoencoder is
-    convolutional but for one self-attention on its latents, so it learns the same local detail at a
-    fraction of the cost per image (Stable Diffusion's was trained on 256 px crops too) and takes many
-    more updates in the same time.
-    Afterwards the latent scaling factor is set on `SCALING_SCENES` whole scenes so scaled latents
-    have unit variance, as Stable Diffusion's 0.18215 does for its VAE.
-    """
-    params = list(vae.parameters())
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, fused=fused_adamw_available(params))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=learning_rate / 10)
-    rng = np.random.default_rng([seed, 1])
-    losses = []
-    vae.train()
-    for _ in tqdm(range(steps), desc="pretrain autoencoder", disable=not progress):
-        batch = images_to_tensor([render_scene(rng, size)[0] for _ in range(batch_size)], size)
-        if crop is not None and crop < size:
-            batch = random_crops(batch, crop, rng)
-        posterior = vae.encode(batch).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        loss = (reconstruction - batch).abs().mean() + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    vae.eval()
-    with torch.no_grad():
-        batch = images_to_tensor([render_scene(rng, size)[0] for _ in range(SCALING_SCENES)], size)
-        std = vae.encode(batch).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
-    return losses
-
-
-def fused_adamw_available(params: list[nn.Parameter]) -> bool:
-    """True when every parameter sits where torch has AdamW's fused kernel (one pass over all weights)."""
-    return all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
-
-
-def random_crops(batch: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
-    """One random `crop` x `crop` patch of each image in a (N, C, H, W) batch."""
-    corners = rng.integers(0, np.array(batch.shape[-2:]) - crop + 1, size=(len(batch), 2))
-    return torch.stack([image[:, y : y + crop, x : x + crop] for image, (y, x) in zip(batch, corners)])
 
 
 def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: float = 1.0) -> StableDiffusionPipeline:

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import BertConfig, BertModel, BertTokenizerFast
 from xdist.scheduler import LoadScopeScheduling
 
-from roentgen_lib import config, models
+from roentgen_lib import config, pretrain
 from roentgen_lib.data import dataset
 
 
@@ -45,8 +45,8 @@ REPORT = """                                 FINAL REPORT
 def tiny_world(tmp_path_factory):
     """The tiny dataset and base, built in a temporary folder."""
     root = tmp_path_factory.mktemp("world")
-    base = models.build_components("tiny", 32, seed=0)
-    models.pretrain_vae(base.vae, 32, steps=2, batch_size=4, seed=0, progress=False)
+    base = pretrain.build_components("tiny", 32, seed=0)
+    pretrain.pretrain_vae(base.vae, 32, steps=2, batch_size=4, seed=0, progress=False)
     base.pipeline().save_pretrained(root / "base", safe_serialization=True)
     cfg = config.resolve("tiny", output_dir=str(root / "dataset"), base_model=str(root / "base"),
                          models_dir=str(root / "models"))

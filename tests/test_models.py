@@ -1,37 +1,20 @@
-"""Tiny SD components, loading a base from a local folder, the text-encoder override, the general domain."""
+"""Loading a base (a local folder or the hub's cache), refusing what must not load, the text-encoder override."""
 
 import json
 import shutil
 
-import numpy as np
+import huggingface_hub
 import pytest
 import torch
 
-from roentgen_lib import models
-from roentgen_lib.data.general import render_scene
-from roentgen_lib.text.tokenizer import VOCAB_SIZE
+from roentgen_lib import config, models, pretrain
 
 
 @pytest.fixture(scope="module")
 def tiny_base_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
-    models.build_components("tiny", 32, seed=0).pipeline().save_pretrained(folder, safe_serialization=True)
+    pretrain.build_components("tiny", 32, seed=0).pipeline().save_pretrained(folder, safe_serialization=True)
     return folder
-
-
-def test_tiny_components_have_sd_structure():
-    base = models.build_components("tiny", 32, seed=0)
-    assert base.unet.config.cross_attention_dim == base.text_encoder.config.hidden_size == 32
-    assert base.text_encoder.config.vocab_size == len(base.tokenizer) == VOCAB_SIZE
-    latents = base.vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean
-    assert latents.shape == (1, 4, 8, 8) and base.unet.config.sample_size == 8
-
-
-def test_general_domain_scenes_are_deterministic_and_captioned():
-    image, caption = render_scene(np.random.default_rng(3), 64)
-    again, same = render_scene(np.random.default_rng(3), 64)
-    assert image.size == (64, 64) and caption == same and np.array_equal(np.asarray(image), np.asarray(again))
-    assert " background" in caption and any(s in caption for s in ("circle", "square", "triangle", "ring", "cross"))
 
 
 def test_load_base_reads_a_local_diffusers_folder(tiny_base_dir):
@@ -39,6 +22,37 @@ def test_load_base_reads_a_local_diffusers_folder(tiny_base_dir):
     assert type(base.unet).__name__ == "UNet2DConditionModel"
     assert base.tokenizer("large left pleural effusion").input_ids[0] == 49406
     assert not list(tiny_base_dir.rglob("*.bin")), "weights are saved as safetensors only"
+
+
+def hub_cache(tmp_path, monkeypatch, repos: dict) -> None:
+    """A Hugging Face cache under `tmp_path` holding `repos` (id: folder) as downloaded snapshots; hub unreachable."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for repo, folder in repos.items():
+        entry = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(folder, entry / "snapshots" / "0123abcd")
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text("0123abcd")
+
+
+def test_a_hub_base_loads_from_the_hugging_face_cache_and_a_missing_one_says_what_to_do(tiny_base_dir, tmp_path, monkeypatch):
+    hub_cache(tmp_path, monkeypatch, {"tiny-org/tiny-sd": tiny_base_dir})
+    from_hub = models.load_base("tiny-org/tiny-sd")
+    assert models.weights_fingerprint(from_hub.unet) == models.weights_fingerprint(models.load_base(str(tiny_base_dir)).unet)
+    cfg = config.resolve("tiny", base_model="tiny-org/tiny-sd")
+    assert pretrain.build_base(cfg) == tmp_path / "hub" / "models--tiny-org--tiny-sd" / "snapshots" / "0123abcd"
+    with pytest.raises(models.WeightsError, match="base_model='stable-diffusion-v1-5/stable-diffusion-v1-5' is a hub id "
+                                                  "that is neither in the Hugging Face cache nor reachable .*-p base_model="):
+        pretrain.build_base(config.resolve("tiny", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5"))
+
+
+def test_a_hub_base_without_safetensors_is_refused(tiny_base_dir, tmp_path, monkeypatch):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_base_dir, pickled)
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
+    hub_cache(tmp_path, monkeypatch, {"tiny-org/pickled": pickled})
+    with pytest.raises(models.WeightsError, match="'tiny-org/pickled' has no unet/diffusion_pytorch_model.safetensors"):
+        models.load_base("tiny-org/pickled")
 
 
 def test_load_base_names_a_folder_that_is_not_a_pipeline(tmp_path):
@@ -90,42 +104,6 @@ def test_text_encoder_override_masks_the_tokenizers_padding_and_can_checkpoint(t
     assert base.text_encoder.encoder.is_activation_checkpointing
 
 
-def test_pretrained_vae_gets_a_unit_variance_scaling_factor():
-    base = models.build_components("tiny", 32, seed=0)
-    losses = models.pretrain_vae(base.vae, 32, steps=3, batch_size=4, seed=0, progress=False)
-    assert len(losses) == 3 and base.vae.config.scaling_factor != 0.18215
-    scenes = models.images_to_tensor([render_scene(np.random.default_rng(7), 32)[0] for _ in range(128)], 32)
-    with torch.no_grad():
-        scaled = base.vae.encode(scenes).latent_dist.mean * base.vae.config.scaling_factor
-    assert 0.8 < scaled.std().item() < 1.25  # other scenes than those measured: unit variance generalises
-
-
-def test_fused_adamw_only_where_torch_has_the_kernel():
-    assert models.fused_adamw_available([torch.nn.Parameter(torch.zeros(2))])
-    assert not models.fused_adamw_available([torch.nn.Parameter(torch.zeros(2, device="meta"))])
-
-
-def test_random_crops_are_windows_of_each_image_at_every_corner():
-    batch = torch.arange(64 * 3 * 8 * 8, dtype=torch.float32).reshape(64, 3, 8, 8)
-    crops = models.random_crops(batch, 4, np.random.default_rng(0))
-    assert crops.shape == (64, 3, 4, 4)
-    corners = set()
-    for k, (image, patch) in enumerate(zip(batch, crops)):
-        y, x = divmod(int(patch[0, 0, 0].item()) - k * 3 * 64, 8)  # the patch's top-left pixel in its own image
-        assert torch.equal(patch, image[:, y : y + 4, x : x + 4])
-        corners.add((y, x))
-    assert {y for y, _ in corners} == {x for _, x in corners} == set(range(5))  # every offset 0..8-4 is drawn
-
-
-def test_autoencoder_pretraining_on_crops_sees_patches_and_scales_on_whole_scenes():
-    base = models.build_components("tiny", 32, seed=0)
-    seen = []
-    base.vae.encoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
-    losses = models.pretrain_vae(base.vae, 32, steps=2, batch_size=4, seed=0, progress=False, crop=16)
-    assert len(losses) == 2 and all(np.isfinite(losses))
-    assert seen == [(4, 3, 16, 16), (4, 3, 16, 16), (models.SCALING_SCENES, 3, 32, 32)]  # two steps, then the scaling
-
-
 def test_pickled_weights_are_refused_with_the_reason(tiny_base_dir, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_base_dir, folder)
@@ -159,7 +137,7 @@ def test_components_of_another_architecture_are_named(tiny_base_dir, tmp_path):
     folder = tmp_path / "mixed"
     shutil.copytree(tiny_base_dir, folder)
     shutil.rmtree(folder / "unet")
-    models.build_components("demo", 64, seed=0).unet.save_pretrained(folder / "unet", safe_serialization=True)
+    pretrain.build_components("demo", 64, seed=0).unet.save_pretrained(folder / "unet", safe_serialization=True)
     with pytest.raises(models.WeightsError, match=r"mixed: components from different architectures.*text encoder is 32 wide"):
         models.load_base(str(folder))
 
@@ -171,7 +149,7 @@ def test_a_lora_adapter_for_another_base_is_named(tiny_base_dir, tmp_path):
 
     from roentgen_lib import train
 
-    other = models.build_components("demo", 64, seed=0)
+    other = pretrain.build_components("demo", 64, seed=0)
     train.add_lora(other.unet, 4, 4, "to_q,to_k,to_v,to_out.0")
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(other.unet))
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=layers, safe_serialization=True)

@@ -1,11 +1,11 @@
 """The training loop: data order, checkpoints, resumption, outputs, and two processes."""
 
 import dataclasses
+import inspect
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from roentgen_lib import checkpoints, config, models, parallel, pretrain, sample, train
+from roentgen_lib.data import dataset
 
 
 def test_batch_indices_cover_an_epoch_and_split_across_processes():
@@ -245,11 +246,17 @@ def test_full_output_is_a_diffusers_pipeline(tiny_world):
     assert result.images_per_second > 0 and result.peak_memory_mb > 0
 
 
-def test_base_recipe_tracks_settings_and_code():
+def test_base_recipe_tracks_settings_and_version(monkeypatch):
     cfg = config.resolve("tiny")
-    assert pretrain.recipe(cfg) == pretrain.recipe(config.resolve("tiny"))
-    assert pretrain.recipe(cfg) != pretrain.recipe(config.resolve("tiny", base_steps=21))
-    assert len(pretrain.recipe(cfg)["code"]) == 64
+    recipe = pretrain.recipe(cfg)
+    assert recipe == pretrain.recipe(config.resolve("tiny")) != pretrain.recipe(config.resolve("tiny", base_steps=21))
+    monkeypatch.setattr(pretrain, "RECIPE_VERSION", pretrain.RECIPE_VERSION + 1)
+    assert pretrain.recipe(cfg) != recipe
+
+
+def test_fused_adamw_only_where_torch_has_the_kernel():
+    assert train.fused_adamw_available([torch.nn.Parameter(torch.zeros(2))])
+    assert not train.fused_adamw_available([torch.nn.Parameter(torch.zeros(2, device="meta"))])
 
 
 def test_two_processes_train_and_checkpoint(tiny_world, tmp_path):
@@ -273,14 +280,18 @@ def test_two_processes_train_and_checkpoint(tiny_world, tmp_path):
     assert pretrain.base_exists(config.resolve("tiny", base_model=tiny_world.base_model))
 
 
-def test_a_base_built_into_base_dir_leaves_the_profiles_base_alone(tmp_path):
-    default = Path(config.resolve("tiny").base_model_path) / "base.json"
-    before = default.stat().st_mtime_ns if default.exists() else None
+def test_a_base_built_into_base_dir_leaves_the_profiles_base_alone_and_outlives_a_comment_edit(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path / "project")  # where the profile's own base would go
     cfg = config.resolve("tiny", base_dir=str(tmp_path / "base"), base_images=8, base_vae_steps=1, base_steps=1,
                          progress=False)
     assert pretrain.build_base(cfg) == tmp_path / "base"
     assert pretrain.base_exists(cfg) and (tmp_path / "base" / "base.json").is_file()
-    assert (default.stat().st_mtime_ns if default.exists() else None) == before
+    assert not (tmp_path / "project" / "data" / "tiny" / "base_model").exists()
+    # caches are keyed on recipe versions and settings, never on source code: a refactor keeps them
+    rows, _ = dataset.plan_phantom(cfg)
+    planned = dataset.plan_fingerprint(cfg, rows, dataset.SHARD_ROWS)
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "# every module's source, edited\n")
+    assert pretrain.base_exists(cfg) and dataset.plan_fingerprint(cfg, rows, dataset.SHARD_ROWS) == planned
 
 
 def test_latents_are_encoded_once_per_vae_and_images(tiny_world, tmp_path, monkeypatch):
@@ -380,3 +391,38 @@ def test_fine_tuning_lowers_the_held_out_loss(tiny_world, record_property):
         drops[method] = before - log[log.split == "validation"].value.iloc[-1]
         record_property(f"{method} drop", float(drops[method]))  # `pytest --junitxml` keeps it (docs/testing.md)
     assert drops == pytest.approx({"full": 1.0414, "lora": 0.0965}, abs=0.005)
+
+
+def stable_diffusion_shaped_base(folder, prediction: str, text_width: int) -> str:
+    """The tiny base re-cut to Stable Diffusion 1.x / 2.x's shape: its prediction target and text-encoder width,
+    and (2.x) attention through linear projections that upcasts; a few channels wide."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    base = pretrain.build_components("tiny", 32, seed=0)
+    sd2 = {"use_linear_projection": True, "upcast_attention": True} if prediction == "v_prediction" else {}
+    base.unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=text_width,
+        attention_head_dim=(2, 4), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **sd2)
+    base.text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=text_width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=8,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    base.noise_scheduler = DDPMScheduler(**{**pretrain.SD_SCHEDULER, "prediction_type": prediction})
+    models.save_base(base, folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("prediction, text_width", [("epsilon", 768), ("v_prediction", 1024)], ids=["sd1", "sd2"])
+def test_stable_diffusion_1_and_2_shaped_bases_fine_tune_resume_and_sample(tiny_world, tmp_path, prediction, text_width):
+    cfg = dataclasses.replace(tiny_world, base_model=stable_diffusion_shaped_base(tmp_path / "base", prediction, text_width),
+                              models_dir=str(tmp_path / "models"), train_text_encoder=True, max_steps=4,
+                              checkpoint_every=2, validation_every=4, zero_terminal_snr=prediction == "v_prediction")
+    assert pretrain.build_base(cfg) == tmp_path / "base"
+    result = train.finetune(cfg)
+    assert [s for s, _ in checkpoints.list_checkpoints(result.run_dir)] == [2, 4]
+    model = sample.load_model(cfg, result.run_dir.name)
+    assert model.pipe.text_encoder.config.hidden_size == text_width
+    assert model.pipe.scheduler.config.prediction_type == prediction
+    image = sample.generate(model, ["large left pleural effusion"], [0], sample.SamplingSettings(steps=2, batch_size=1))
+    assert image.shape == (1, 32, 32, 3) and image.std() > 0

@@ -15,12 +15,10 @@ builds only the rest, ending with the same dataset byte for byte.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import multiprocessing
 import os
 import shutil
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -35,18 +33,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from roentgen_lib.config import Config
-from roentgen_lib.data import mimic, phantom
+from roentgen_lib.data import mimic
 from roentgen_lib.data.masks import load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
 from roentgen_lib.files import check_free_space, fingerprint_dir, plan_folder, replace_dir, temporary_sibling, write_json_atomic
 from roentgen_lib.progress import library_progress_bars
-from roentgen_lib.text import labels as labeler
 from roentgen_lib.text.compose import composed_reports
 from roentgen_lib.text.labels import OBSERVATIONS, PATHOLOGIES, device_kinds, label_report, label_vector
 from roentgen_lib.text.reports import read_iu_reports, report_prompt
 
 SPLITS = ("train", "validation", "test")
 MANIFEST = "roentgen_manifest.json"
+# Bump when a change alters what a shard holds for the same planned rows (how images are drawn or read,
+# how reports are labelled): half-built datasets are then rebuilt from scratch, never mixed.
+IMAGES_RECIPE_VERSION = 1
 SHARD_ROWS = 500  # rows per shard: the unit a rerun resumes from and a worker process builds
 FEATURES = datasets.Features(
     {
@@ -186,12 +186,10 @@ def plan_shards(rows: list[dict], shard_rows: int) -> list[tuple[str, list[dict]
 
 
 def plan_fingerprint(cfg: Config, rows: list[dict], shard_rows: int) -> str:
-    """What determines every shard: the planned rows, the settings and the code that build images."""
+    """What determines every shard: the planned rows, the settings and `IMAGES_RECIPE_VERSION`."""
     settings = {k: getattr(cfg, k) for k in ("data_source", "image_size", "seed", "mimic_root", "mimic_reports_root")}
-    digest = hashlib.sha256(json.dumps([rows, settings, shard_rows], sort_keys=True, default=str).encode())
-    for module in (phantom, labeler, mimic, sys.modules[__name__]):
-        digest.update(inspect.getsource(module).encode())
-    return digest.hexdigest()
+    plan = [IMAGES_RECIPE_VERSION, rows, settings, shard_rows]
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def worker_count(cfg: Config) -> int:

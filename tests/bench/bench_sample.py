@@ -6,7 +6,7 @@ Target: ours is never slower than the plain loop and faster where batching helps
 a test: it reports, it asserts nothing. About 3 minutes on 2 idle cores; the table is also written
 to data/bench/bench_sample.md.
 
-Both sides use one demo-architecture tiny Stable Diffusion (`models.build_components("demo", 64,
+Both sides use one demo-architecture tiny Stable Diffusion (`pretrain.build_components("demo", 64,
 seed=0)`, untrained: cost does not depend on the weights), the same prompts (the four validation
 prompts repeated), one seed per image, DPM-Solver++ with 20 steps and guidance 4, in this process
 with torch's default 2 threads. The plain loop is what a diffusers user writes: one
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from roentgen_lib import config, models, sample
+from roentgen_lib import config, pretrain, sample
 
 STEPS, GUIDANCE = 20, 4.0
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,16,64")
     args = parser.parse_args()
     cfg = config.resolve("demo")
-    pipe = models.build_components("demo", 64, seed=0).pipeline()
+    pipe = pretrain.build_components("demo", 64, seed=0).pipeline()
     pipe.set_progress_bar_config(disable=True)
     sample.use_scheduler(pipe, "dpmsolver++")
     model = sample.Model("untrained demo architecture", pipe, "-", "built in memory")

@@ -13,7 +13,7 @@ our installed diffusers is 0.42.1) and save it as
 `.reference/diffusers-v0.40.0/train_text_to_image.py`.
 
 Both sides get, in data/bench/ (git-ignored): the same untrained demo-architecture tiny Stable
-Diffusion (`models.build_components("demo", 64, seed=0)`, saved as a diffusers folder), the same
+Diffusion (`pretrain.build_components("demo", 64, seed=0)`, saved as a diffusers folder), the same
 256 phantom image/prompt pairs at 64 px (a `DatasetDict` for ours, an imagefolder with
 metadata.jsonl for the reference), batch size 32, learning rate 1e-4, constant schedule without
 warm-up, fp32, gradient clipping at 1.0, AdamW with weight decay 1e-2, no EMA, no checkpoint or
@@ -54,7 +54,7 @@ import psutil
 
 from roentgen_lib import config
 from roentgen_lib.data.dataset import build_dataset
-from roentgen_lib.models import build_components
+from roentgen_lib.pretrain import build_components
 from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.train import train_model
 
