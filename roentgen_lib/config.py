@@ -33,6 +33,7 @@ DataSource = Literal["phantom", "mimic"]
 FineTuneMethod = Literal["full", "lora"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+StoredFloat = Literal["float32", "float16"]
 Scheduler = Literal["dpmsolver++", "ddim", "euler", "euler_ancestral", "pndm"]
 # Fields read only by sampling: changing them never changes what training produces.
 SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scale", "negative_prompt", "lora_scale",
@@ -104,6 +105,8 @@ class Config:
     lora_max_steps: int | None = None  # steps of a LoRA fine-tune when max_steps is not set; None: max_steps
     text_encoder_max_steps: int | None = None  # steps of 03's text-encoder-only run when max_steps is not set; None: max_steps
     mixed_precision: MixedPrecision = "no"  # "fp16"/"bf16" on GPUs that support them
+    latent_dtype: StoredFloat = "float32"  # how encoded latents and text states are stored on disk (paper: float16)
+    loader_workers: int = 0  # processes that prefetch training batches; 0: the training process reads them
     gradient_checkpointing: bool = False  # trade compute for memory (paper profile)
     ema_decay: float = 0.999  # EMA of trained weights; 0 turns it off
     snr_gamma: float = 0.0  # Min-SNR loss weighting gamma; 0 turns it off (5 is common)
@@ -334,7 +337,7 @@ def check_values(cfg: Config) -> None:
                           f"({cfg.image_size}), got {cfg.base_vae_crop}")
     if cfg.seed < 0:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
-    positive = ("base_images", "base_vae_steps", "base_vae_batch_size", "base_steps", "lora_rank", "lora_alpha",
+    positive = ("base_images", "base_vae_batch_size", "lora_rank", "lora_alpha",
                 "batch_size", "base_batch_size", "gradient_accumulation", "max_steps", "checkpoint_every",
                 "checkpoints_total_limit", "validation_every", "worker_processes", "sampling_steps", "images_per_prompt",
                 "sample_batch_size", "finding_repeats", "eval_prompts", "classifier_epochs",
@@ -348,7 +351,7 @@ def check_values(cfg: Config) -> None:
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"parameter {name!r} must be > 0, got {getattr(cfg, name)}")
     for name in ("snr_gamma", "noise_offset", "timestep_bias_start", "lr_warmup_steps", "lora_scale",
-                 "composed_reports", "data_workers", "judge_blur"):
+                 "composed_reports", "data_workers", "loader_workers", "judge_blur", "base_vae_steps", "base_steps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"parameter {name!r} must be >= 0, got {getattr(cfg, name)}")
     if cfg.composed_reports and cfg.data_source != "phantom":
@@ -522,6 +525,7 @@ PROFILES: dict[str, Config] = {
                     base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=1e-5,
                     lr_warmup_steps=500, batch_size=8, gradient_accumulation=32, max_steps=12500,
                     mixed_precision="bf16", gradient_checkpointing=True, ema_decay=0.9999, snr_gamma=5.0,
+                    latent_dtype="float16", loader_workers=4,
                     checkpoint_every=1000, checkpoints_total_limit=3, validation_every=1000, sample_batch_size=8),
 }
 

@@ -41,7 +41,9 @@ from roentgen_lib.evaluate import (FINDINGS, ClassifierFeatures, FindingNet, ali
                                    images_array, labels_of_row, memorization_audit, memorization_summary, predict,
                                    presence_only, pretrained_alignment_table, probe_table, text_embeddings, through_vae,
                                    train_classifier, truth_of_labels, truth_of_reports, truth_table)
+from roentgen_lib.denoising import validation_loss
 from roentgen_lib.files import write_file_atomic, write_json_atomic
+from roentgen_lib.latents import CACHE_FOLDER, encode_pairs, list_source
 from roentgen_lib.models import Base
 from roentgen_lib.parallel import run_jobs
 from roentgen_lib.progress import library_progress_bars
@@ -49,7 +51,6 @@ from roentgen_lib.provenance import git_state
 from roentgen_lib.sample import Model, SamplingError, SamplingSettings, available_models, generate, grey, load_model
 from roentgen_lib.synthetic import generate_dataset, split_prompts
 from roentgen_lib.text.compose import HELD_OUT_PHRASINGS, NORMAL_PROMPT, finding_specs, negated_prompt
-from roentgen_lib.train import Pairs, cache_pairs, validation_loss
 
 
 PROMPT_SETS = ("report language", "held-out phrasing", "test")
@@ -321,16 +322,15 @@ def general_domain_table(cfg: Config, models: dict[str, Model], scenes: tuple[li
     ones, minus one (percent): 0 means the model ignores the text.
     """
     rows = []
+    source, n = list_source(*scenes), len(scenes[1])
+    shuffled = np.roll(np.arange(n), 1)
     for name, model in models.items():
         pipe = model.pipe
         base = Base(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config))
-        pairs = cache_pairs(base, *scenes, cfg.image_size, cache_text=True, progress=False)
-        true_loss = validation_loss(base, pairs, cfg, torch.device("cpu"), limit=len(scenes[1]))
-        n = len(scenes[1])
-        order = torch.arange(len(pairs.text_states))
-        order[:n] = torch.roll(order[:n], 1)
-        shuffled = Pairs(pairs.latent_mean, pairs.latent_std, pairs.input_ids, pairs.text_states[order])
-        shuffled_loss = validation_loss(base, shuffled, cfg, torch.device("cpu"), limit=n)
+        pairs = encode_pairs(base, source, cfg.image_size, cache_text=True, folder=cfg.evaluation_path / CACHE_FOLDER,
+                             dtype=cfg.latent_dtype, progress=False)
+        true_loss = validation_loss(base, pairs, cfg, torch.device("cpu"), limit=n)
+        shuffled_loss = validation_loss(base, pairs, cfg, torch.device("cpu"), limit=n, text_order=shuffled)
         rows += [{"model": name, "prompts": "general domain", "metric": "denoising loss", "value": round(true_loss, 4)},
                  {"model": name, "prompts": "general domain", "metric": "caption reliance (%)",
                   "value": round(100 * (shuffled_loss / true_loss - 1), 2)}]

@@ -30,6 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from roentgen_lib import config
 from roentgen_lib.data.general import render_scene
 from roentgen_lib.files import replace_dir, temporary_sibling, write_json_atomic
+from roentgen_lib.latents import list_source
 from roentgen_lib.models import Base, images_to_tensor, local_base, save_base
 from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.text.tokenizer import CONTEXT_LENGTH, load_clip_tokenizer
@@ -208,8 +209,8 @@ def build_base(cfg: config.Config, force: bool = False) -> Path:
         built = work / "initial"
         if cfg.base_steps:
             images, captions = general_scenes(cfg.base_images + 64, cfg.image_size, cfg.seed)
-            result = train_model(pretraining_config(cfg), (images[:-64], captions[:-64]), (images[-64:], captions[-64:]),
-                                 base_path=str(built), run_dir=work / "run")
+            result = train_model(pretraining_config(cfg), list_source(images[:-64], captions[:-64]),
+                                 list_source(images[-64:], captions[-64:]), base_path=str(built), run_dir=work / "run")
             built = result.output_dir
             shutil.copy(result.log, built / "pretraining_log.csv")
         write_json_atomic(built / "base.json", {

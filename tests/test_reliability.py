@@ -106,6 +106,36 @@ def test_dataset_build_killed_midway_resumes_to_the_same_dataset(tmp_path):
     assert not parts.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_encoding_killed_midway_resumes_from_its_finished_shards(tiny_world, tmp_path, monkeypatch):
+    """Latents of 160 scenes in shards of 16, SIGKILLed after two shards: the rerun encodes only the rest."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    from roentgen_lib import latents, models, pretrain
+
+    folder = tmp_path / "shards"
+    code = ("from roentgen_lib import latents, models, pretrain; latents.SHARD_ROWS = 16; "
+            f"base = models.load_base({tiny_world.base_model_path!r}); "
+            "scenes = pretrain.general_scenes(160, 32, seed=0); "
+            f"latents.encode_pairs(base, latents.list_source(*scenes), 32, False, {str(folder)!r}, progress=False)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: len(list(folder.glob("latents-*/shard-*.npy"))) >= 2)
+    finished = len(list(folder.glob("latents-*/shard-*.npy")))
+    assert 2 <= finished < 10, "killed mid-way"
+    monkeypatch.setattr(latents, "SHARD_ROWS", 16)
+    encoded = []
+    real = latents.encode_images
+    monkeypatch.setattr(latents, "encode_images", lambda vae, images, size: encoded.append(len(images)) or real(vae, images, size))
+    base, scenes = models.load_base(tiny_world.base_model_path), pretrain.general_scenes(160, 32, seed=0)
+    resumed = latents.encode_pairs(base, latents.list_source(*scenes), 32, False, folder, progress=False)
+    assert len(encoded) == 10 - finished
+    straight = latents.encode_images(base.vae, scenes[0], 32)
+    assert torch.equal(resumed.batch(np.arange(160)).mean, straight[0])
+
+
 def test_a_full_disk_is_reported_before_work_starts(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

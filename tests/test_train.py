@@ -15,8 +15,9 @@ from diffusers import DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from roentgen_lib import checkpoints, config, models, parallel, pretrain, sample, train
+from roentgen_lib import checkpoints, config, denoising, latents, models, parallel, pretrain, sample, train
 from roentgen_lib.data import dataset
+from roentgen_lib.train import loop
 
 
 def test_batch_indices_cover_an_epoch_and_split_across_processes():
@@ -42,8 +43,8 @@ def test_repeated_findings_are_shown_that_many_times_per_epoch():
 
 
 def test_training_rows_repeat_the_pairs_of_the_named_finding(tiny_world):
-    part = train.load_dataset(tiny_world)["train"]
-    assert train.training_rows(tiny_world, part).tolist() == list(range(len(train.load_pairs(tiny_world, "train")[1])))
+    part = dataset.load(tiny_world)["train"]
+    assert train.training_rows(tiny_world, part).tolist() == list(range(len(part)))
     rows = train.training_rows(dataclasses.replace(tiny_world, repeat_findings="Lung Opacity=2"), part)
     positive = np.asarray(part["Lung Opacity"], dtype=float) == 1
     assert positive.any() and np.array_equal(np.bincount(rows, minlength=len(positive)), 1 + positive)
@@ -73,16 +74,16 @@ def weights(folder):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_resumed_run_ends_with_the_same_weights(tiny_world, method, monkeypatch):
     straight = run(tiny_world, method=method, train_text_encoder=True, run_name=f"straight_{method}", resume=False)
-    real = train.write_checkpoint
+    real = loop.write_checkpoint
 
     def crash_after_first_checkpoint(*args, **kwargs):
         real(*args, **kwargs)
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(train, "write_checkpoint", crash_after_first_checkpoint)
+    monkeypatch.setattr(loop, "write_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_world, method=method, train_text_encoder=True, run_name=f"resumed_{method}")
-    monkeypatch.setattr(train, "write_checkpoint", real)
+    monkeypatch.setattr(loop, "write_checkpoint", real)
     assert [s for s, _ in checkpoints.list_checkpoints(tiny_world.run_path.parent / f"resumed_{method}")] == [6]
     resumed = run(tiny_world, method=method, train_text_encoder=True, run_name=f"resumed_{method}")
     a, b = weights(straight.output_dir), weights(resumed.output_dir)
@@ -171,8 +172,8 @@ def test_text_encoder_learning_rate_applies_to_the_encoders_own_weights(tiny_wor
         close = all(torch.allclose(p, q, atol=1e-9) for p, q in zip(module(tuned).parameters(), module(given).parameters()))
         assert close != moved
     cfg = dataclasses.replace(tiny_world, train_text_encoder=True, text_encoder_learning_rate=1e-4)
-    trained = train.trained_models(models.load_base(tiny_world.base_model_path), cfg)
-    groups = train.optimizer_groups(train.trained_parameters(trained), trained["text_encoder"], cfg)
+    trained = loop.trained_models(models.load_base(tiny_world.base_model_path), cfg)
+    groups = loop.optimizer_groups(loop.trained_parameters(trained), trained["text_encoder"], cfg)
     assert [g.get("lr") for g in groups] == [None, 1e-4] and all(g["params"] for g in groups)
 
 
@@ -204,7 +205,7 @@ def test_lora_on_convolutions_and_attention_loads_every_trained_adapter(tiny_wor
     output = train.finetune(cfg).output_dir
     loaded = models.load_pipeline(cfg.base_model_path, output)
     expected = models.load_base(cfg.base_model_path)
-    train.trained_models(expected, cfg)  # the adapters training attached, freshly initialised
+    loop.trained_models(expected, cfg)  # the adapters training attached, freshly initialised
 
     def adapters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name.split(".lora_B")[0]: p for name, p in model.named_parameters() if ".lora_B" in name}
@@ -294,26 +295,12 @@ def test_a_base_built_into_base_dir_leaves_the_profiles_base_alone_and_outlives_
     assert pretrain.base_exists(cfg) and dataset.plan_fingerprint(cfg, rows, dataset.SHARD_ROWS) == planned
 
 
-def test_latents_are_encoded_once_per_vae_and_images(tiny_world, tmp_path, monkeypatch):
-    base = models.load_base(tiny_world.base_model_path)
-    images, prompts = train.load_pairs(tiny_world, "validation")
-    first = train.cache_pairs(base, images, prompts, 32, cache_text=False, progress=False, cache_dir=tmp_path)
-    monkeypatch.setattr(train, "encode_images", lambda *a, **k: pytest.fail("encoded again despite the cache"))
-    again = train.cache_pairs(base, images, prompts, 32, cache_text=False, progress=False, cache_dir=tmp_path)
-    assert torch.equal(first.latent_mean, again.latent_mean) and torch.equal(first.latent_std, again.latent_std)
-    assert first.latent_mean.stride() == again.latent_mean.stride()  # same layout, so training gives the same bits
-    assert len(list(tmp_path.glob("latents-*.safetensors"))) == 1
-    monkeypatch.undo()
-    train.cache_pairs(base, images[:-1], prompts[:-1], 32, cache_text=False, progress=False, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("latents-*.safetensors"))) == 2  # other images, another file
-
-
 def test_uniform_timesteps_are_drawn_as_before_and_a_bias_favours_high_noise(tiny_world):
     uniform_cfg = dataclasses.replace(tiny_world, timestep_bias=1.0)
-    uniform = train.draw_timesteps(64, 1000, uniform_cfg, torch.Generator().manual_seed(3))
+    uniform = denoising.draw_timesteps(64, 1000, uniform_cfg, torch.Generator().manual_seed(3))
     assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
     biased_cfg = dataclasses.replace(tiny_world, timestep_bias=8.0, timestep_bias_start=800)
-    biased = train.draw_timesteps(20000, 1000, biased_cfg, torch.Generator().manual_seed(3))
+    biased = denoising.draw_timesteps(20000, 1000, biased_cfg, torch.Generator().manual_seed(3))
     assert 0 <= biased.min() and biased.max() < 1000
     assert abs((biased >= 800).float().mean().item() - 8 * 0.2 / (0.8 + 8 * 0.2)) < 0.02  # 2/3 instead of 1/5
 
@@ -329,10 +316,10 @@ def test_zero_terminal_snr_run_saves_the_schedule_its_sampler_starts_from(tiny_w
 
 def test_zero_terminal_snr_schedule_ends_at_pure_noise_and_needs_v_prediction(tiny_world):
     base_schedule = models.load_base(tiny_world.base_model_path).noise_scheduler
-    assert train.zero_terminal_snr_schedule(base_schedule).alphas_cumprod[-1] < 1e-6
+    assert denoising.zero_terminal_snr_schedule(base_schedule).alphas_cumprod[-1] < 1e-6
     epsilon = DDPMScheduler.from_config(base_schedule.config, prediction_type="epsilon")
     with pytest.raises(ValueError, match="needs a v-prediction base"):
-        train.zero_terminal_snr_schedule(epsilon)
+        denoising.zero_terminal_snr_schedule(epsilon)
 
 
 def test_runs_trained_side_by_side_match_a_run_trained_alone(tiny_world):
@@ -369,20 +356,21 @@ def test_warnings_of_a_run_in_its_own_process_reach_the_caller(tiny_world, tmp_p
         train.train_runs({"unet": moved}, processes=1)
 
 
-def base_validation_loss(cfg) -> float:
+def base_validation_loss(cfg, folder) -> float:
     """The held-out loss a fine-tune starts from: the base's, on the same fixed noise and timesteps."""
     base = models.load_base(cfg.base_model_path)
     if cfg.zero_terminal_snr:
-        base.noise_scheduler = train.zero_terminal_snr_schedule(base.noise_scheduler)
-    pairs = train.cache_pairs(base, *train.load_pairs(cfg, "validation"), cfg.image_size, True, progress=False)
-    return train.validation_loss(base, pairs, cfg, torch.device("cpu"))
+        base.noise_scheduler = denoising.zero_terminal_snr_schedule(base.noise_scheduler)
+    data, key = dataset.load(cfg)["validation"], dataset.read_manifest(cfg.dataset_path)["fingerprint"]
+    pairs = latents.encode_pairs(base, latents.dataset_source(data, key), cfg.image_size, True, folder, progress=False)
+    return denoising.validation_loss(base, pairs, cfg, torch.device("cpu"))
 
 
-def test_fine_tuning_lowers_the_held_out_loss(tiny_world, record_property):
+def test_fine_tuning_lowers_the_held_out_loss(tiny_world, tmp_path, record_property):
     """The number 02 and 03 report: the held-out loss falls from the base's. The drops agree to 2e-5 on
     every kernel path measured (native AVX-512, AVX2, generic; one and two threads) and are 0 when no
     step updates the weights (docs/testing.md)."""
-    before = base_validation_loss(tiny_world)
+    before = base_validation_loss(tiny_world, tmp_path)
     drops = {}
     for method in ("full", "lora"):
         result = run(tiny_world, method=method, train_text_encoder=True, run_name=f"lowers_{method}", resume=False,
