@@ -41,7 +41,7 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 from tqdm import tqdm
 
-from roentgen_lib.models import PICKLE_SUFFIXES, reconstruct
+from roentgen_lib.models import PICKLE_SUFFIXES, compute_device, reconstruct
 from roentgen_lib.parallel import run_jobs
 from roentgen_lib.text.labels import label_report
 
@@ -159,26 +159,29 @@ def blur_share(batch: torch.Tensor, max_sigma: float, generator: torch.Generator
 
 
 def train_classifier(images: np.ndarray, truth: pd.DataFrame, seed: int, epochs: int = 12, batch_size: int = 64,
-                     learning_rate: float = 2e-3, blur: float = 0.0, progress: bool = False) -> FindingNet:
-    """Train FindingNet on real images and their truth; returns it in eval mode.
+                     learning_rate: float = 2e-3, blur: float = 0.0, progress: bool = False,
+                     device: torch.device | None = None) -> FindingNet:
+    """Train FindingNet on real images and their truth on `device` (default `compute_device()`); returns it in eval mode.
 
-    Augmentation: random shifts of up to 2 pixels, and with `blur` > 0 `blur_share` on every batch.
+    Augmentation: random shifts of up to 2 pixels, and with `blur` > 0 `blur_share` on every batch. The
+    images stay uint8 until a batch is drawn, so a large training set is not held as floats.
     """
     torch.manual_seed(seed)
-    net = FindingNet()
+    device = device or compute_device()
+    net = FindingNet().to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps = epochs * -(-len(images) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps)
-    x, target = to_input(images), targets(truth)
+    target = targets(truth)
     generator = torch.Generator().manual_seed(seed)
     net.train()
     for _ in tqdm(range(epochs), desc="train classifier", disable=not progress):
-        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+        for idx in torch.randperm(len(images), generator=generator).split(batch_size):
             shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
-            batch = torch.roll(x[idx], shifts=shift, dims=(2, 3))
+            batch = torch.roll(to_input(images[idx.numpy()]), shifts=shift, dims=(2, 3))
             if blur > 0:
                 batch = blur_share(batch, blur, generator)
-            loss = classifier_loss(net(batch), {k: v[idx] for k, v in target.items()})
+            loss = classifier_loss(net(batch.to(device)), {k: v[idx].to(device) for k, v in target.items()})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -186,10 +189,17 @@ def train_classifier(images: np.ndarray, truth: pd.DataFrame, seed: int, epochs:
     return net.eval()
 
 
+def net_device(net: nn.Module) -> torch.device:
+    """Where a network's weights are (the CPU for one without weights)."""
+    weight = next(iter(net.parameters()), None)
+    return weight.device if weight is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict(net: FindingNet, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Presence probabilities (N, F), side and size probabilities (N, L, 3) and features (N, D)."""
-    outs = [net(to_input(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    outs = [{k: v.float().cpu() for k, v in net(to_input(images[i : i + batch_size]).to(net_device(net))).items()}
+            for i in range(0, len(images), batch_size)]
     joined = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
     return {"presence": torch.sigmoid(joined["presence"]).numpy(), "side": joined["side"].softmax(-1).numpy(),
             "size": joined["size"].softmax(-1).numpy(), "features": joined["features"].numpy()}
@@ -319,7 +329,8 @@ class XrvFeatures(nn.Module):
         import torchxrayvision as xrv
 
         columns = [xrv.datasets.default_pathologies.index(XRV_PATHOLOGY.get(f, f)) for f in FINDINGS]
-        scores = [self.model.classifier(self(batch))[:, columns] for batch in rgb_batches(images, 64)]
+        device = net_device(self)
+        scores = [self.model.classifier(self(batch.to(device)))[:, columns].cpu() for batch in rgb_batches(images, 64)]
         return torch.cat(scores).numpy() if scores else np.zeros((0, len(FINDINGS)), np.float32)
 
 
@@ -376,12 +387,14 @@ def weights_problem(path: str | Path | None, what: str, field: str) -> str | Non
 
 def feature_extractors(net: FindingNet, xrv_weights: str | Path | None,
                        inception_weights: str | Path | None = None) -> dict[str, nn.Module | str]:
-    """FID feature extractors by name, or the reason one is unavailable (never a stand-in number)."""
+    """FID feature extractors by name, on the judge's device, or the reason one is unavailable (never a
+    stand-in number)."""
     inception = weights_problem(inception_weights, "Inception-v3 FID (torch-fidelity's weights-inception-2015-12-05)",
                                 "inception_weights")
     xrv = weights_problem(xrv_weights, "torchxrayvision DenseNet", "xrv_weights")
-    return {"Inception-v3": inception or inception_features(Path(inception_weights)),
-            "XRV DenseNet": xrv or XrvFeatures(Path(xrv_weights)),
+    device = net_device(net)
+    return {"Inception-v3": inception or inception_features(Path(inception_weights)).to(device),
+            "XRV DenseNet": xrv or XrvFeatures(Path(xrv_weights)).to(device),
             "FindingNet (ours)": ClassifierFeatures(net)}
 
 
@@ -396,10 +409,11 @@ def frechet_distance(extractor: nn.Module, real: np.ndarray, synthetic: np.ndarr
     """FID between two sets of uint8 grey images in the feature space of `extractor` (torchmetrics)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=extractor, normalize=False, input_img_size=(3, *real.shape[1:]))
+    device = net_device(extractor)
+    metric = FrechetInceptionDistance(feature=extractor, normalize=False, input_img_size=(3, *real.shape[1:])).to(device)
     for images, is_real in ((real, True), (synthetic, False)):
         for batch in rgb_batches(images):
-            metric.update(batch, real=is_real)
+            metric.update(batch.to(device), real=is_real)
     return float(metric.compute())
 
 
@@ -416,14 +430,22 @@ def fid_table(extractors: dict[str, nn.Module | str], real: np.ndarray, syntheti
 
 # ---------------------------------------------------------------- diversity (MS-SSIM within groups)
 
-MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001)  # the first three scales of MS-SSIM: 64-px images hold no more
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # the standard five scales (Wang et al. 2003)
+
+
+def ms_ssim_betas(side: int, kernel: int) -> tuple[float, ...]:
+    """The scales an image of `side` pixels holds (each at least twice the kernel; 64 px: 3, 512 px: all 5),
+    their weights renormalised to sum to 1."""
+    scales = max(k for k in range(1, len(MS_SSIM_BETAS) + 1) if side / 2 ** (k - 1) >= 2 * kernel)
+    return tuple(b / sum(MS_SSIM_BETAS[:scales]) for b in MS_SSIM_BETAS[:scales])
 
 
 def mean_pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 256, seed: int = 0) -> float:
-    """Mean MS-SSIM over pairs of uint8 grey images (1: identical; lower: more diverse).
+    """Mean MS-SSIM over pairs of uint8 grey images (1: identical; lower: more diverse), on `compute_device()`.
 
     All pairs when there are at most `max_pairs`, else a seeded sample of `max_pairs` of them: a
-    group of 800 real normals has 320,000 pairs, which ran the demo out of 24 GB of memory.
+    group of 800 real normals has 320,000 pairs, which ran the demo out of 24 GB of memory. Pairs are
+    scored in chunks of 16 M pixels (all of the demo's at once; 64 pairs at 512 px).
     """
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
 
@@ -431,11 +453,13 @@ def mean_pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 256, seed: int = 
     if len(first) > max_pairs:
         chosen = np.random.default_rng(seed).choice(len(first), max_pairs, replace=False)
         first, second = first[chosen], second[chosen]
-    x = torch.from_numpy(images).float().unsqueeze(1) / 255.0
-    betas = tuple(b / sum(MS_SSIM_BETAS) for b in MS_SSIM_BETAS)
+    device, chunk = compute_device(), max(1, 2**24 // images.shape[-1] ** 2)
     kernel = 7 if images.shape[-1] < 96 else 11
-    scores = ms_ssim(x[first], x[second], data_range=1.0, kernel_size=kernel, betas=betas, reduction="none")
-    return float(scores.mean())
+    betas = ms_ssim_betas(images.shape[-1], kernel)
+    as_floats = lambda rows: (torch.from_numpy(images[rows]).float().unsqueeze(1) / 255.0).to(device)  # noqa: E731
+    scores = [ms_ssim(as_floats(first[k : k + chunk]), as_floats(second[k : k + chunk]), data_range=1.0,
+                      kernel_size=kernel, betas=betas, reduction="none").cpu() for k in range(0, len(first), chunk)]
+    return float(torch.cat(scores).mean())
 
 
 def diversity_table(images: np.ndarray, groups: list[str], seed: int = 0, **keys) -> pd.DataFrame:
@@ -452,51 +476,75 @@ def diversity_table(images: np.ndarray, groups: list[str], seed: int = 0, **keys
 
 # ---------------------------------------------------------------- memorization audit
 
-def nearest_distances(queries: np.ndarray, references: np.ndarray, exclude_self: bool = False,
-                      batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean distance from each query row to its nearest reference row, and that row's index."""
-    q, r = torch.from_numpy(queries).float(), torch.from_numpy(references).float()
+PIXEL_SEARCH_SIZE = 64  # side of the images the pixel-space near-copy search compares
+
+def nearest_distances(queries: np.ndarray, references: np.ndarray, exclude_self: bool = False, divisor: float = 1.0,
+                      chunk: int = 512, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distance from each query row to its nearest reference row (rows over `divisor`), and its index.
+
+    Queries and references are compared `chunk` rows against `chunk` rows on `device` (default `compute_device()`),
+    each chunk turned into floats only when it is compared, so memory stays flat in their number.
+    """
+    device = device or compute_device()
+    as_floats = lambda rows: torch.from_numpy(np.asarray(rows, dtype=np.float32) / np.float32(divisor)).to(device)  # noqa: E731
     best, where = [], []
-    for start in range(0, len(q), batch_size):
-        d = torch.cdist(q[start : start + batch_size], r)
-        if exclude_self:
-            d[torch.arange(len(d)), torch.arange(start, start + len(d))] = float("inf")
-        index = d.min(dim=1).indices
+    for start in range(0, len(queries), chunk):
+        q = as_floats(queries[start : start + chunk])
+        value, index = torch.full((len(q),), float("inf"), device=device), torch.zeros(len(q), dtype=torch.long, device=device)
+        for ref_start in range(0, len(references), chunk):
+            d = torch.cdist(q, as_floats(references[ref_start : ref_start + chunk]))
+            if exclude_self:
+                rows = torch.arange(len(q), device=device)
+                own = rows + start - ref_start
+                inside = (own >= 0) & (own < d.shape[1])
+                d[rows[inside], own[inside]] = float("inf")
+            chunk_value, chunk_index = d.min(dim=1)
+            closer = chunk_value < value
+            value, index = torch.where(closer, chunk_value, value), torch.where(closer, chunk_index + ref_start, index)
         # cdist's matrix-product shortcut rounds at the scale of the vectors' norms (on one CPU an exact
         # copy came out 0.008 away), so the distance to the neighbour it found is computed exactly.
-        value = torch.linalg.vector_norm(q[start : start + batch_size] - r[index], dim=1)
-        best.append(value)
-        where.append(index)
+        nearest = as_floats(references[index.cpu().numpy()])
+        best.append(torch.linalg.vector_norm(q - nearest, dim=1).cpu())
+        where.append(index.cpu())
     return torch.cat(best).numpy(), torch.cat(where).numpy()
 
 
-def flatten(images: np.ndarray) -> np.ndarray:
-    """Pixel vectors in [0, 1] (pixel-space nearest neighbours)."""
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+def pixel_rows(images: np.ndarray) -> np.ndarray:
+    """uint8 grey images as pixel rows for near-copy search, at most `PIXEL_SEARCH_SIZE` pixels a side.
+
+    A copy stays a copy at any resolution; at 512 px an all-pairs search over a training set would
+    compare 262,144 numbers per pair.
+    """
+    if images.shape[-1] > PIXEL_SEARCH_SIZE:
+        images = np.stack([np.asarray(Image.fromarray(im).resize((PIXEL_SEARCH_SIZE,) * 2, Image.Resampling.BOX))
+                           for im in images])
+    return images.reshape(len(images), -1)
 
 
-def near_copy_thresholds(train: np.ndarray, train_features: np.ndarray, quantile: float = 0.01) -> dict[str, float]:
+def near_copy_thresholds(train: np.ndarray, train_features: np.ndarray, quantile: float = 0.01,
+                         device: torch.device | None = None) -> dict[str, float]:
     """Per space, the `quantile` of training images' distances to their nearest other training image.
 
     Different patients in the training set are the benchmark for "too close". Depends on the training
     set only, so 05 computes it once for every model it audits.
     """
-    return {space: float(np.quantile(nearest_distances(reference, reference, exclude_self=True)[0], quantile))
-            for space, reference in (("pixel", flatten(train)), ("feature", train_features))}
+    return {space: float(np.quantile(nearest_distances(reference, reference, True, divisor, device=device)[0], quantile))
+            for space, reference, divisor in (("pixel", pixel_rows(train), 255.0), ("feature", train_features, 1.0))}
 
 
 def memorization_audit(synthetic: np.ndarray, train: np.ndarray, synthetic_features: np.ndarray,
-                       train_features: np.ndarray, thresholds: dict[str, float] | None = None) -> pd.DataFrame:
+                       train_features: np.ndarray, thresholds: dict[str, float] | None = None,
+                       device: torch.device | None = None) -> pd.DataFrame:
     """For each synthetic image, its nearest training image in pixel and feature space, and a near-copy flag.
 
     A synthetic image is flagged when it lies closer to a training image than the threshold of that
     space (`near_copy_thresholds`, computed here when not given). Runs on any synthetic dataset.
     """
-    thresholds = thresholds or near_copy_thresholds(train, train_features)
+    thresholds = thresholds or near_copy_thresholds(train, train_features, device=device)
     frame = {}
-    for space, query, reference in (("pixel", flatten(synthetic), flatten(train)),
-                                    ("feature", synthetic_features, train_features)):
-        distance, index = nearest_distances(query, reference)
+    for space, query, reference, divisor in (("pixel", pixel_rows(synthetic), pixel_rows(train), 255.0),
+                                             ("feature", synthetic_features, train_features, 1.0)):
+        distance, index = nearest_distances(query, reference, divisor=divisor, device=device)
         frame[f"{space} distance"] = distance
         frame[f"{space} nearest"] = index
         frame[f"{space} threshold"] = thresholds[space]
@@ -523,7 +571,7 @@ def text_embeddings(text_encoder: nn.Module, tokenizer, prompts: list[str], batc
     for start in range(0, len(prompts), batch_size):
         tokens = tokenizer(prompts[start : start + batch_size], padding="max_length", truncation=True,
                            max_length=tokenizer.model_max_length, return_tensors="pt")
-        states = text_encoder(tokens.input_ids)[0]
+        states = text_encoder(tokens.input_ids.to(net_device(text_encoder)))[0].float().cpu()
         mask = tokens.attention_mask.unsqueeze(-1).to(states.dtype)
         rows.append(((states * mask).sum(1) / mask.sum(1)).numpy())
     return np.concatenate(rows)

@@ -329,8 +329,8 @@ def general_domain_table(cfg: Config, models: dict[str, Model], scenes: tuple[li
         base = Base(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, DDPMScheduler.from_config(pipe.scheduler.config))
         pairs = encode_pairs(base, source, cfg.image_size, cache_text=True, folder=cfg.evaluation_path / CACHE_FOLDER,
                              dtype=cfg.latent_dtype, progress=False)
-        true_loss = validation_loss(base, pairs, cfg, torch.device("cpu"), limit=n)
-        shuffled_loss = validation_loss(base, pairs, cfg, torch.device("cpu"), limit=n, text_order=shuffled)
+        true_loss = validation_loss(base, pairs, cfg, pipe.device, limit=n)
+        shuffled_loss = validation_loss(base, pairs, cfg, pipe.device, limit=n, text_order=shuffled)
         rows += [{"model": name, "prompts": "general domain", "metric": "denoising loss", "value": round(true_loss, 4)},
                  {"model": name, "prompts": "general domain", "metric": "caption reliance (%)",
                   "value": round(100 * (shuffled_loss / true_loss - 1), 2)}]

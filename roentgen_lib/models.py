@@ -45,6 +45,26 @@ HUB_BASE_FILES = ("model_index.json", "scheduler/*.json", "tokenizer/*", "text_e
 VAE_BATCH_SIZE = 16
 
 
+def compute_device() -> torch.device:
+    """Where every stage runs: this process's GPU when there is one (its own under `accelerate launch`),
+    else the CPU. On a GPU, matrix products and convolutions may use TF32, as training does."""
+    from accelerate import PartialState
+
+    device = PartialState().device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def inference_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The dtype models sample and score in: the profile's `mixed_precision` on a GPU; float32 on the CPU,
+    where nothing changes."""
+    if device.type == "cpu":
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
 class WeightsError(ValueError):
     """Weights that cannot or must not be loaded; the message names the file or folder and why."""
 
@@ -150,8 +170,9 @@ def local_base(name_or_path: str) -> str:
     return folder
 
 
-def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0) -> Base:
-    """Load a Stable Diffusion 1.x/2.x base from a local diffusers folder or a hub id (safetensors only).
+def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0,
+              dtype: torch.dtype = torch.float32) -> Base:
+    """Load a Stable Diffusion 1.x/2.x base in `dtype` from a local diffusers folder or a hub id (safetensors only).
 
     With `text_encoder`, the CLIP text encoder and tokenizer are replaced by the given local text
     model and its tokenizer, projected to the U-Net's cross-attention width (projection untrained,
@@ -163,13 +184,14 @@ def load_base(name_or_path: str, text_encoder: str | None = None, seed: int = 0)
                                 "(no model_index.json); build the project's base with `make base`")
     for folder in local_weight_folders(name_or_path, text_encoder):
         refuse_pickled(folder)
-    load = {"use_safetensors": True}
+    load = {"use_safetensors": True, "torch_dtype": dtype}
     unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **load)
     saved_projection = Path(name_or_path, "text_encoder", PROJECTION_FILE).is_file()
     text_source = text_encoder or (str(Path(name_or_path, "text_encoder")) if saved_projection else None)
     if text_source:
         tokenizer = AutoTokenizer.from_pretrained(text_source)
-        encoder = ProjectedTextEncoder.load(text_source, unet.config.cross_attention_dim, seed, tokenizer.pad_token_id)
+        encoder = ProjectedTextEncoder.load(text_source, unet.config.cross_attention_dim, seed,
+                                            tokenizer.pad_token_id).to(dtype)
         # Stable Diffusion's 77-token context, as with CLIP: a BERT's 512 would widen every cross-attention
         # and text cache 6.6x and truncate reports differently from the CLIP runs it is compared with
         tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings, CONTEXT_LENGTH)
@@ -248,14 +270,16 @@ def images_to_tensor(images: list, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: float = 1.0) -> StableDiffusionPipeline:
-    """A sampling pipeline: the base, a fine-tuned pipeline folder, or the base with a LoRA folder.
+def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: float = 1.0,
+                  device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A sampling pipeline on `device` (default the CPU) in `dtype`: the base, a fine-tuned pipeline
+    folder, or the base with a LoRA folder.
 
     `finetuned` is what training wrote: `<run>/pipeline` (full) or `<run>/lora` (adapters, with the
     noise schedule they were trained on).
     """
     source = str(finetuned) if finetuned is not None and (finetuned / "model_index.json").is_file() else base_path
-    pipe = load_base(source).pipeline()
+    pipe = load_base(source, dtype=dtype).pipeline()
     if finetuned is not None and source == base_path:
         refuse_pickled(finetuned)
         verbosity = diffusers_logging.get_verbosity()
@@ -271,7 +295,7 @@ def load_pipeline(base_path: str, finetuned: Path | None = None, lora_scale: flo
         if (finetuned / "scheduler").is_dir():  # adapters trained on another schedule (zero_terminal_snr)
             pipe.scheduler = DDPMScheduler.from_pretrained(str(finetuned), subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device or torch.device("cpu"))
 
 
 @torch.no_grad()
@@ -309,9 +333,9 @@ def reconstruct(vae: AutoencoderKL, images: list, size: int, batch_size: int = V
     """Encode and decode images with the VAE (latent means); uint8 (N, size, size) grayscale."""
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="encode and decode", disable=not progress):
-        batch = images_to_tensor(images[i : i + batch_size], size)
-        decoded = vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
-        out.append(((decoded.mean(dim=1) + 1) * 127.5).round().to(torch.uint8).numpy())
+        batch = images_to_tensor(images[i : i + batch_size], size).to(device=vae.device, dtype=vae.dtype)
+        decoded = vae.decode(vae.encode(batch).latent_dist.mean).sample.float().clamp(-1, 1)
+        out.append(((decoded.mean(dim=1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy())
     return np.concatenate(out)
 
 

@@ -43,7 +43,7 @@ from transformers.utils import logging as transformers_logging
 from roentgen_lib.config import Config, did_you_mean, relative
 from roentgen_lib.data.masks import LEFT_LUNG, RIGHT_LUNG, load_lung_masks
 from roentgen_lib.data.phantom import render, render_size
-from roentgen_lib.models import generate_images, load_pipeline, weights_fingerprint
+from roentgen_lib.models import compute_device, generate_images, inference_dtype, load_pipeline, weights_fingerprint
 from roentgen_lib.text.labels import label_report
 from roentgen_lib.text.tokenizer import truncated_part
 
@@ -108,7 +108,10 @@ def model_fingerprint(pipe: StableDiffusionPipeline, lora_scale: float) -> str:
 
 
 def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None) -> Model:
-    """The base (`"base"`) or a fine-tuning run by folder name; LoRA adapters at `lora_scale` (default cfg's)."""
+    """The base (`"base"`) or a fine-tuning run by folder name; LoRA adapters at `lora_scale` (default cfg's).
+
+    On the GPU when there is one, in the profile's mixed precision; on the CPU in float32.
+    """
     models = available_models(cfg)
     if name not in models:
         raise SamplingError(f"no finished run {name!r} in {relative(cfg.models_path)}{did_you_mean(name, models)}; "
@@ -119,7 +122,8 @@ def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None)
                             "base with `make base` (or run 02_finetune_lora), or set base_model")
     scale = cfg.lora_scale if lora_scale is None else lora_scale
     finetuned = None if name == "base" else models[name]
-    pipe = load_pipeline(cfg.base_model_path, finetuned, scale)
+    device = compute_device()
+    pipe = load_pipeline(cfg.base_model_path, finetuned, scale, device, inference_dtype(cfg.mixed_precision, device))
     is_lora = finetuned is not None and finetuned.name == "lora"
     return Model(name, pipe, model_fingerprint(pipe, scale if is_lora else 1.0), relative(models[name]))
 

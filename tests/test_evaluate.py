@@ -326,6 +326,8 @@ def test_audit_of_a_saved_dataset_flags_training_images_saved_into_it(tiny_world
 class StandInVAE:
     """An autoencoder stand-in: passes images through unchanged, or erases them to mid-grey."""
 
+    device, dtype = torch.device("cpu"), torch.float32
+
     def __init__(self, erase: bool) -> None:
         self.erase = erase
 

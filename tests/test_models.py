@@ -155,3 +155,10 @@ def test_a_lora_adapter_for_another_base_is_named(tiny_base_dir, tmp_path):
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=layers, safe_serialization=True)
     with pytest.raises(models.WeightsError, match=r"LoRA adapter .*lora does not fit the base .*size mismatch"):
         models.load_pipeline(str(tiny_base_dir), tmp_path / "lora")
+
+
+def test_models_sample_in_the_profiles_precision_on_a_gpu_and_in_float32_on_the_cpu():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert models.inference_dtype("bf16", cuda) == torch.bfloat16 and models.inference_dtype("fp16", cuda) == torch.float16
+    assert models.inference_dtype("no", cuda) == models.inference_dtype("bf16", cpu) == torch.float32
+    assert models.compute_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
