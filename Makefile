@@ -13,7 +13,7 @@ TEST_THREADS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n / $(TEST_
 GENERIC_CPU := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
 AVX2_CPU := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup reproduce test test-cpu-paths lab tiny-runs base bench bench-train bench-sample probe-position clean
+.PHONY: setup reproduce test test-cpu-paths lab tiny-runs base smoke-paper bench bench-scale bench-train bench-sample probe-position clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,15 @@ test-cpu-paths: setup
 base: setup
 	$(PY) -m roentgen_lib.pretrain --profile $(PROFILE)
 
+# The paper profile's code path end to end at 512 px on Stable Diffusion 1.5's architecture with random
+# weights and a generated MIMIC-CXR-format tree: proves code, shapes and memory, not image quality
+# (docs/paper_scale.md). Give your own with SMOKE_PARAMS="-p base_model=DIR -p mimic_root=DIR".
+SMOKE_MIMIC := data/paper_smoke/mimic
+smoke-paper: setup
+	$(PY) -m roentgen_lib.data.mimic_standin $(SMOKE_MIMIC) --studies 32
+	$(PY) -m roentgen_lib.runs --profile paper_smoke -p mimic_root=$(SMOKE_MIMIC) $(SMOKE_PARAMS)
+	$(PY) -m roentgen_lib.smoke --profile paper_smoke
+
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
@@ -65,9 +74,13 @@ bench-train: setup
 bench-sample: setup
 	$(PY) tests/bench/bench_sample.py
 
+# Peak memory of training, synthetic generation and evaluation at N and 8N images: flat in dataset size.
+bench-scale: setup
+	$(PY) tests/bench/bench_scale.py
+
 # Can a prompt's position word steer where the demo model draws? (README, Evaluation; ~2 min)
 probe-position: setup
 	$(PY) tests/bench/probe_position_binding.py
 
 clean:
-	rm -rf data papermill_runs/demo papermill_runs/paper
+	rm -rf data papermill_runs/demo papermill_runs/paper papermill_runs/paper_smoke

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROFILE_NAMES = ("tiny", "demo", "paper")
+PROFILE_NAMES = ("tiny", "demo", "paper", "paper_smoke")
 Architecture = Literal["tiny", "demo", "sd-1.5", "sd-2.1"]
 DataSource = Literal["phantom", "mimic"]
 FineTuneMethod = Literal["full", "lora"]
@@ -41,7 +41,7 @@ SAMPLING_FIELDS = ("sample_model", "scheduler", "sampling_steps", "guidance_scal
                    "synthetic_split_prompts", "guidance_sweep", "steps_sweep", "edit_strength")
 # Fields read only by evaluation (05): changing them never changes what training produces.
 EVALUATION_FIELDS = ("eval_models", "eval_prompts", "xrv_weights", "inception_weights", "classifier_epochs", "judge_blur",
-                     "downstream_seeds", "downstream_images_per_prompt", "eval_references", "evaluation_dir")
+                     "downstream_seeds", "downstream_images_per_prompt", "eval_references", "eval_real_images", "evaluation_dir")
 # Which components a full fine-tune adapts: (train_unet, train_text_encoder).
 VARIANTS = {"unet": (True, False), "text_encoder": (False, True), "both": (True, True)}
 
@@ -123,11 +123,15 @@ class Config:
         "large left pleural effusion|large right pneumothorax|moderate cardiomegaly|"
         "no acute cardiopulmonary process"
     )  # "|"-separated prompts rendered at each validation
+    validation_images: bool = True  # draw the validation prompts at each validation (off: the loss only)
     resume: bool = True  # continue from the latest checkpoint of the run if there is one
     full_variants: str = "unet,text_encoder,both"  # components 03_finetune_full adapts, one run each
     # Independent jobs run at once (03's runs; 05's models and classifiers), each in its own process with
     # an equal share of the CPU threads: on a CPU, small models train faster side by side (see `parallel`).
     worker_processes: int = 1
+    # Processes (one per GPU) that one training run, a synthetic dataset and a model's evaluation images are
+    # split over by rank: training through `accelerate launch`, sampling through worker processes.
+    num_processes: int = 1
     # --- sampling (04_sampling) ---
     sample_model: str = "full_unet_te"  # run folder under models_dir to sample from, or "base"
     scheduler: Scheduler = "dpmsolver++"  # sampling scheduler
@@ -143,12 +147,16 @@ class Config:
     guidance_sweep: str = "1,2,4,8"  # guidance scales compared in 04
     steps_sweep: str = "5,10,20,40"  # step counts compared in 04
     edit_strength: float = 0.7  # image-to-image strength of counterfactual edits (0 keeps, 1 redraws)
+    # at most this many prompts of each fixed set (validation prompts, finding specs, report-language and
+    # held-out phrasings, edit cases); None: all. The paper smoke draws one of each at 512 px on a CPU.
+    prompt_set_size: int | None = None
     # --- evaluation (05_evaluation) ---
     eval_models: str = "all"  # comma list of models scored ("base" or run folder names), or "all"
     eval_prompts: int = 48  # test-split report prompts drawn per model for fidelity and diversity
     xrv_weights: str | None = None  # local safetensors of torchxrayvision's DenseNet-121 (FID-XRV); None: unavailable
     inception_weights: str | None = None  # local safetensors of FID's Inception-v3 (torch-fidelity's); None: unavailable
     classifier_epochs: int = 12  # epochs of each finding-classifier training (judge and downstream)
+    forgetting_scenes: int = 256  # general-domain scenes each model's denoising loss is measured on (05)
     # The judge scores images decoded by an autoencoder that smooths fine texture; trained on sharp images
     # only, it reads that smoothing as "no finding". Blurring half its training batches (Gaussian, sigma up
     # to this many pixels, one sigma per batch) makes it read findings, not sharpness. 0 turns it off.
@@ -156,6 +164,9 @@ class Config:
     downstream_seeds: str = "0,1,2"  # classifier seeds of the downstream experiment (mean and spread)
     downstream_images_per_prompt: int = 16  # synthetic images per spec prompt added to the real training set
     eval_references: int = 8  # phantom world: rendered test images per spec prompt (4x as many train the judge)
+    # at most this many images of each real split are held for evaluation (a seeded sample): the judge's
+    # training set, the memorization search and the real reference rows; None: the whole split
+    eval_real_images: int | None = None
     evaluation_dir: str | None = None  # evaluation images and tables; None: data/<profile>/evaluation
 
     def __post_init__(self) -> None:
@@ -194,8 +205,12 @@ class Config:
 
     @property
     def prompts_for_validation(self) -> list[str]:
-        """The validation prompts as a list."""
-        return [p.strip() for p in self.validation_prompts.split("|") if p.strip()]
+        """The validation prompts as a list (at most `prompt_set_size` of them)."""
+        return self.limit([p.strip() for p in self.validation_prompts.split("|") if p.strip()])
+
+    def limit(self, prompt_set: Sequence) -> Sequence:
+        """The first `prompt_set_size` items (or rows) of a fixed prompt set (finding specs, edit cases, ...); all by default."""
+        return prompt_set if self.prompt_set_size is None else prompt_set[: self.prompt_set_size]
 
     @property
     def variant_names(self) -> list[str]:
@@ -223,9 +238,14 @@ class Config:
         return project_path(self.models_dir or f"data/{self.profile}/models")
 
     @property
-    def reports_root(self) -> str | None:
-        """The MIMIC report tree, defaulting to the image tree."""
-        return self.mimic_reports_root or self.mimic_root
+    def mimic_path(self) -> Path | None:
+        """The MIMIC-CXR-JPG folder, absolute (relative paths are taken from the project root); None if unset."""
+        return project_path(self.mimic_root) if self.mimic_root else None
+
+    @property
+    def reports_root(self) -> Path | None:
+        """The MIMIC report tree (absolute), defaulting to the image tree."""
+        return project_path(self.mimic_reports_root) if self.mimic_reports_root else self.mimic_path
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields, for manifests and display."""
@@ -247,7 +267,6 @@ def resolve(profile: str = "demo", **overrides: Any) -> Config:
         cfg = dataclasses.replace(cfg, **{name: None for name in RUN_STEP_FIELDS if name not in chosen})
     if cfg.method == "lora" and cfg.lora_max_steps is not None:
         cfg = dataclasses.replace(cfg, max_steps=cfg.lora_max_steps)
-    check_required(cfg)
     check_conflicts(cfg, set(chosen))
     check_paths(cfg)
     return cfg
@@ -329,7 +348,7 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"profile={cfg.profile!r} is not a profile; allowed: {', '.join(PROFILE_NAMES)}")
     if cfg.image_size < 16 or cfg.image_size % 8:
         raise ConfigError(f"parameter 'image_size' must be a multiple of 8 and >= 16, got {cfg.image_size}")
-    for name in ("n_images", "synthetic_split_prompts", *RUN_STEP_FIELDS):
+    for name in ("n_images", "synthetic_split_prompts", "prompt_set_size", "eval_real_images", *RUN_STEP_FIELDS):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1 or None (all), got {getattr(cfg, name)}")
     if cfg.base_vae_crop is not None and not (cfg.base_vae_crop % 8 == 0 and 8 <= cfg.base_vae_crop <= cfg.image_size):
@@ -339,9 +358,9 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"parameter 'seed' must be >= 0, got {cfg.seed}")
     positive = ("base_images", "base_vae_batch_size", "lora_rank", "lora_alpha",
                 "batch_size", "base_batch_size", "gradient_accumulation", "max_steps", "checkpoint_every",
-                "checkpoints_total_limit", "validation_every", "worker_processes", "sampling_steps", "images_per_prompt",
+                "checkpoints_total_limit", "validation_every", "worker_processes", "num_processes", "sampling_steps", "images_per_prompt",
                 "sample_batch_size", "finding_repeats", "eval_prompts", "classifier_epochs",
-                "downstream_images_per_prompt", "eval_references")
+                "downstream_images_per_prompt", "eval_references", "forgetting_scenes")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"parameter {name!r} must be >= 1, got {getattr(cfg, name)}")
@@ -407,15 +426,6 @@ def check_sweep(cfg: Config, name: str, kind: type, minimum: float) -> None:
     if not values or min(values) < minimum:
         raise ConfigError(f"parameter {name!r} must be a comma list of {kind.__name__}s >= {minimum:g}, "
                           f"got {getattr(cfg, name)!r}")
-
-
-def check_required(cfg: Config) -> None:
-    """Fields a profile may leave empty but a run cannot (the paper profile has no MIMIC path)."""
-    if cfg.data_source == "mimic" and not cfg.mimic_root:
-        raise ConfigError(
-            "parameter 'mimic_root' is required when data_source='mimic': "
-            "the folder holding files/ and mimic-cxr-2.0.0-metadata.csv.gz"
-        )
 
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "unet_lora_targets", "text_lora_targets", "lora_max_steps")
@@ -526,8 +536,24 @@ PROFILES: dict[str, Config] = {
                     lr_warmup_steps=500, batch_size=8, gradient_accumulation=32, max_steps=12500,
                     mixed_precision="bf16", gradient_checkpointing=True, ema_decay=0.9999, snr_gamma=5.0,
                     latent_dtype="float16", loader_workers=4,
-                    checkpoint_every=1000, checkpoints_total_limit=3, validation_every=1000, sample_batch_size=8),
+                    checkpoint_every=1000, checkpoints_total_limit=3, validation_every=1000, sample_batch_size=8,
+                    eval_prompts=2000, images_per_prompt=2, eval_real_images=5000),
 }
+
+
+# The paper profile's code path and settings at counts a 2-core CPU runs in under 40 minutes, on Stable
+# Diffusion 1.5's published architecture with random weights (built locally: no download) and a
+# MIMIC-CXR-format tree (`make smoke-paper` generates one; any other is given as mimic_root). It proves
+# the paper path's code, shapes and memory at 512 px, never image quality; 05 scores the base, LoRA and the
+# best full fine-tune. Its fine-tunes keep no EMA: with one, the U-Net + text encoder run would leave too
+# little of a 24 GB machine's RAM (docs/paper_scale.md).
+PROFILES["paper_smoke"] = dataclasses.replace(
+    PROFILES["paper"], profile="paper_smoke", base_model=None, base_architecture="sd-1.5", base_vae_steps=0, base_steps=0,
+    ema_decay=0.0, n_images=16, batch_size=1, gradient_accumulation=1, max_steps=2, lr_warmup_steps=0, checkpoint_every=2,
+    checkpoints_total_limit=1, validation_every=2, validation_images=False, loader_workers=1, sampling_steps=2,
+    images_per_prompt=1, sample_batch_size=2, synthetic_prompts="test", synthetic_split_prompts=1, guidance_sweep="1,4",
+    steps_sweep="1,2", prompt_set_size=1, eval_prompts=2, classifier_epochs=2, downstream_seeds="0",
+    downstream_images_per_prompt=1, forgetting_scenes=2, eval_models="base,lora_unet,full_unet_te")
 
 
 def summary(cfg: Config, names: list[str]) -> "pd.DataFrame":

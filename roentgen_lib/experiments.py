@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import datasets
@@ -41,15 +42,14 @@ from roentgen_lib.evaluate import (FINDINGS, ClassifierFeatures, FindingNet, ali
                                    images_array, labels_of_row, memorization_audit, memorization_summary, predict,
                                    presence_only, pretrained_alignment_table, probe_table, text_embeddings, through_vae,
                                    train_classifier, truth_of_labels, truth_of_reports, truth_table)
-from roentgen_lib.denoising import validation_loss
 from roentgen_lib.files import write_file_atomic, write_json_atomic
-from roentgen_lib.latents import CACHE_FOLDER, encode_pairs, list_source
 from roentgen_lib.models import Base
 from roentgen_lib.parallel import run_jobs
 from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.provenance import git_state
 from roentgen_lib.sample import Model, SamplingError, SamplingSettings, available_models, generate, grey, load_model
-from roentgen_lib.synthetic import generate_dataset, split_prompts
+from roentgen_lib.sample.synthetic import generate_dataset, split_prompts
+from roentgen_lib.train import CACHE_FOLDER, encode_pairs, list_source, validation_loss
 from roentgen_lib.text.compose import HELD_OUT_PHRASINGS, NORMAL_PROMPT, finding_specs, negated_prompt
 
 
@@ -65,7 +65,7 @@ def evaluation_prompts(cfg: Config) -> pd.DataFrame:
     """
     test = split_prompts(cfg, "test")
     test = test.sample(n=min(cfg.eval_prompts, len(test)), random_state=cfg.seed).sort_index()
-    return pd.concat([report_language_prompts(), held_out_prompts(), test], ignore_index=True)
+    return pd.concat([cfg.limit(report_language_prompts()), cfg.limit(held_out_prompts()), test], ignore_index=True)
 
 
 def report_language_prompts() -> pd.DataFrame:
@@ -114,17 +114,23 @@ def model_names(cfg: Config) -> list[str]:
     return names
 
 
-def evaluation_images(cfg: Config, model: Model) -> datasets.Dataset:
-    """`images_per_prompt` images of `model` for every evaluation prompt (cached and resumable, as in 04)."""
+def evaluation_images(cfg: Config, model: Model, processes: int = 1) -> datasets.Dataset:
+    """`images_per_prompt` images of `model` for every evaluation prompt (cached and resumable, as in 04), drawn
+    by `processes` processes."""
     return generate_dataset(model, evaluation_prompts(cfg), cfg.evaluation_path / "images" / model.name,
-                            SamplingSettings.from_config(cfg), cfg.images_per_prompt, cfg.seed, cfg.progress)
+                            SamplingSettings.from_config(cfg), cfg.images_per_prompt, cfg.seed, cfg.progress, processes)
 
 
 def draw_evaluation_images(cfg: Config, names: list[str]) -> None:
-    """Draw (or find cached) the evaluation images of the named models, `worker_processes` models at a time.
+    """Draw (or find cached) the evaluation images of the named models: `worker_processes` models at a time,
+    or, with `num_processes` > 1 (GPUs), one model at a time with its images split over them.
 
     Afterwards `evaluation_images` of each model returns its cached dataset.
     """
+    if cfg.num_processes > 1:
+        for name in names:
+            evaluation_images(cfg, load_model(cfg, name), cfg.num_processes)
+        return
     quiet = dataclasses.replace(cfg, progress=False)
     run_jobs(model_evaluation_images, {name: (quiet, name) for name in names}, cfg.worker_processes,
              desc="draw evaluation images" if cfg.progress else None)
@@ -169,6 +175,15 @@ class RealImages:
     report_train_truth: pd.DataFrame
 
 
+def real_split(cfg: Config, name: str) -> datasets.Dataset:
+    """A split of the real dataset as evaluation holds it in memory: at most `eval_real_images` rows (a seeded
+    sample kept in dataset order), so evaluation's memory does not grow with the dataset."""
+    split = load_real(cfg)[name]
+    if cfg.eval_real_images is None or len(split) <= cfg.eval_real_images:
+        return split
+    return split.select(np.sort(np.random.default_rng(cfg.seed).choice(len(split), cfg.eval_real_images, replace=False)))
+
+
 def real_images(cfg: Config) -> RealImages:
     """Training and test images of the dataset; in the phantom world plus rendered references.
 
@@ -176,7 +191,7 @@ def real_images(cfg: Config) -> RealImages:
     the test split is extended by `eval_references` rendered images per spec (other seeds), so every
     finding and side has test positives (IU-Xray's test split has no pneumothorax).
     """
-    data = load_real(cfg)
+    data = {name: real_split(cfg, name) for name in ("train", "test")}
     train, test = images_array(data["train"], cfg.image_size), images_array(data["test"], cfg.image_size)
     train_truth, test_truth = truth_table(data["train"]), truth_table(data["test"])
     collected = ~is_composed(data["train"])
@@ -249,7 +264,7 @@ def real_reference_rows(cfg: Config, real: RealImages, judge: FindingNet, extrac
     With the base's `vae`, the judge also scores the test set encoded and decoded by it: the ceiling
     of any fine-tune that keeps this VAE frozen (a finding the VAE erases cannot be generated).
     """
-    data = load_real(cfg)
+    data = {name: real_split(cfg, name) for name in ("test", "validation")}
     test = images_array(data["test"], cfg.image_size)
     validation = images_array(data["validation"], cfg.image_size)
     judged = {"real (judge on test set)": predict(judge, real.test)}
@@ -270,7 +285,8 @@ def ceiling_examples(cfg: Config, real: RealImages, vae, model: Model, finding: 
     """The autoencoder ceiling as pictures: per side and size of `finding`, a real test image, the same
     image encoded and decoded by the frozen `vae`, and `model`'s images for that side and size.
 
-    Returns grid rows (label -> images) and column titles (the prompts). Of the matching test images
+    Returns grid rows (label -> images) and column titles (the prompts); none, with a warning, when no
+    test image has a side and size of `finding`. Of the matching test images
     the one with the fewest other findings is shown, so the finding is what differs.
     """
     truth = real.test_truth
@@ -282,8 +298,9 @@ def ceiling_examples(cfg: Config, real: RealImages, vae, model: Model, finding: 
             if len(match):
                 picks.append(match[others[match].argmin()])
                 prompts.append(negated_prompt(finding, side, size))
-    if not picks:
-        raise ValueError(f"the test set holds no {finding} with a stated side and size to show")
+    if not picks:  # a small test split (the paper smoke's) may hold none: say so, and let 05 go on
+        warnings.warn(f"the test set holds no {finding} with a stated side and size to show", stacklevel=2)
+        return {}, []
     shown = real.test[picks]
     rows = {"real (test set)": shown,
             "real through the frozen VAE": through_vae(vae, shown, cfg.image_size)}
@@ -342,7 +359,7 @@ def general_domain_table(cfg: Config, models: dict[str, Model], scenes: tuple[li
 def downstream_images(cfg: Config, model: Model) -> datasets.Dataset:
     """`downstream_images_per_prompt` images per report-language prompt: what the generator is asked for to
     augment a classifier, every finding spec and normal (cached, resumable)."""
-    return generate_dataset(model, report_language_prompts(), cfg.evaluation_path / "downstream" / model.name,
+    return generate_dataset(model, cfg.limit(report_language_prompts()), cfg.evaluation_path / "downstream" / model.name,
                             SamplingSettings.from_config(cfg), cfg.downstream_images_per_prompt, cfg.seed + 1, cfg.progress)
 
 
@@ -389,7 +406,7 @@ def guidance_table(cfg: Config, model: Model, judge: FindingNet, images_per_prom
     at which scale a model draws the asked side before FID rises.
     """
     test = evaluation_prompts(cfg).query("source.str.startswith('test:')")
-    specs = report_language_prompts().query("spec.str.contains('Pleural Effusion|Pneumothorax')")
+    specs = cfg.limit(report_language_prompts().query("spec.str.contains('Pleural Effusion|Pneumothorax')"))
     test_jobs, spec_jobs = test.loc[test.index.repeat(images_per_prompt)], specs.loc[specs.index.repeat(spec_images_per_prompt)]
     seeds = [cfg.seed + k for k in range(len(test_jobs) + len(spec_jobs))]
     real, extractor = counterparts(cfg, test.source), ClassifierFeatures(judge)

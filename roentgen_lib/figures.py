@@ -173,10 +173,15 @@ def show_image(ax, image: np.ndarray) -> None:
 def fig_image_rows(rows: dict[str, np.ndarray], prompts: list[str]) -> Figure:
     """A grid: one row per model (label on the left), one column per prompt (title on top).
 
-    Colour images are shown as they are (the base's tint is part of the result); grey ones in grey.
+    Colour images are shown as they are (the base's tint is part of the result); grey ones in grey. No rows:
+    a small figure that says there is nothing to show.
     """
     import textwrap
 
+    if not rows:
+        fig = Figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no images to show (see the warning above)", ha="center", va="center")
+        return fig
     fig = Figure(figsize=(2.4 * len(prompts), 2.6 * len(rows)))
     for r, (label, images) in enumerate(rows.items()):
         for c, image in enumerate(images):

@@ -43,18 +43,34 @@ HUB_BASE_FILES = ("model_index.json", "scheduler/*.json", "tokenizer/*", "text_e
                   "vae/config.json", "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
                   "vae/diffusion_pytorch_model.safetensors")
 VAE_BATCH_SIZE = 16
+VAE_BATCH_PIXELS = VAE_BATCH_SIZE * 64 * 64  # larger images go in smaller batches, so activations keep their size
+
+
+def vae_batch_size(size: int) -> int:
+    """Images per VAE pass at `size` px: 16 up to 64 px, down to 1 at 256 px and above (512 px activations of 16
+    images would take over 10 GB)."""
+    return max(1, min(VAE_BATCH_SIZE, VAE_BATCH_PIXELS // (size * size)))
 
 
 def compute_device() -> torch.device:
     """Where every stage runs: this process's GPU when there is one (its own under `accelerate launch`),
     else the CPU. On a GPU, matrix products and convolutions may use TF32, as training does."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    device = PartialState().device
+    # The first PartialState fixes the process group: it must see ACCELERATE_USE_CPU as the Accelerator would,
+    # or CPU processes under `accelerate launch` would each take themselves for the only one.
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def training_precision(mixed_precision: str, device: torch.device) -> str:
+    """Accelerate's mixed precision for training: the profile's on an accelerator; "no" on the CPU, where
+    bfloat16 autocast without hardware support is emulated and slower than float32 (as in `inference_dtype`)."""
+    return "no" if device.type == "cpu" else mixed_precision
 
 
 def inference_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
@@ -327,10 +343,20 @@ def sample_grid(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, st
     return generate_images(pipe, prompts, [seed + k for k in range(len(prompts))], steps, guidance)
 
 
+def preview_grid(base_path: str, finetuned: Path | None, prompts: list[str], seed: int, steps: int,
+                 mixed_precision: str = "no") -> np.ndarray:
+    """`sample_grid` of the base or a fine-tune on the accelerator when there is one (before/after figures)."""
+    device = compute_device()
+    pipe = load_pipeline(base_path, finetuned, device=device, dtype=inference_dtype(mixed_precision, device))
+    return sample_grid(pipe, prompts, seed, steps)
+
+
 @torch.no_grad()
-def reconstruct(vae: AutoencoderKL, images: list, size: int, batch_size: int = VAE_BATCH_SIZE,
+def reconstruct(vae: AutoencoderKL, images: list, size: int, batch_size: int | None = None,
                 progress: bool = False) -> np.ndarray:
-    """Encode and decode images with the VAE (latent means); uint8 (N, size, size) grayscale."""
+    """Encode and decode images with the VAE (latent means), `vae_batch_size` at a time by default; uint8
+    (N, size, size) grayscale."""
+    batch_size = batch_size or vae_batch_size(size)
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="encode and decode", disable=not progress):
         batch = images_to_tensor(images[i : i + batch_size], size).to(device=vae.device, dtype=vae.dtype)

@@ -30,11 +30,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from roentgen_lib import config
 from roentgen_lib.data.general import render_scene
 from roentgen_lib.files import replace_dir, temporary_sibling, write_json_atomic
-from roentgen_lib.latents import list_source
 from roentgen_lib.models import Base, images_to_tensor, local_base, save_base
 from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.text.tokenizer import CONTEXT_LENGTH, load_clip_tokenizer
-from roentgen_lib.train import fused_adamw_available, train_model
+from roentgen_lib.train import fused_adamw_available, list_source, train_model
 
 # Tiny SD architectures (DESIGN.md): same block types as Stable Diffusion, far fewer channels.
 TINY_ARCHITECTURES = {

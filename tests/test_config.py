@@ -9,6 +9,7 @@ def test_profiles_resolve_with_their_sizes():
     assert config.resolve("tiny").image_size == 32
     assert config.resolve("demo").n_images == 6000 and config.resolve("demo").composed_reports == 8000
     assert config.resolve("paper", mimic_root="/").data_source == "mimic"
+    assert config.resolve("paper_smoke").base_architecture == "sd-1.5" and config.resolve("paper_smoke").image_size == 512
 
 
 def test_none_keeps_profile_value_and_overrides_apply():
@@ -26,7 +27,6 @@ def test_none_keeps_profile_value_and_overrides_apply():
         ({"n_images": 0}, "'n_images' must be >= 1"),
         ({"data_source": "nih"}, "one of 'phantom', 'mimic'"),
         ({"val_fraction": 0.7}, "'val_fraction' must be in [0, 0.5)"),
-        ({"data_source": "mimic"}, "'mimic_root' is required"),
         ({"lora_rank": 4}, "parameter 'lora_rank' applies to LoRA only, but method='full'"),
         ({"mimic_root": "/"}, "parameter 'mimic_root' is set but data_source='phantom'"),
         ({"data_source": "mimic", "mimic_root": "/no/such/mimic"}, "parameter 'mimic_root': folder '/no/such/mimic' does not exist"),

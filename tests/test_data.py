@@ -9,7 +9,7 @@ import pytest
 from conftest import write_mimic_tree
 
 from roentgen_lib import config
-from roentgen_lib.data import dataset, masks, mimic, phantom
+from roentgen_lib.data import dataset, masks, mimic, mimic_standin, phantom
 from roentgen_lib.text import compose
 from roentgen_lib.text.labels import PATHOLOGIES, label_report
 
@@ -171,6 +171,23 @@ def test_mimic_build_counts_every_skip(tmp_path):
     assert item["prompt"] == "Small right pleural effusion. No pneumothorax."
     assert item["Pleural Effusion"] == 1.0 and item["Pneumothorax"] == 0.0
     assert item["image"].size == (32, 32) and item["image"].mode == "L"
+
+
+def test_the_smoke_tree_reads_as_mimic_cxr_with_its_laterals_skipped(tmp_path):
+    root = mimic_standin.write_standin_tree(tmp_path / "mimic", studies=20, side=64)
+    cfg = config.resolve("tiny", data_source="mimic", mimic_root=str(root), n_images=None, output_dir=str(tmp_path / "out"))
+    result = dataset.build_dataset(cfg)
+    assert result.skipped.set_index("reason")["count"]["non_frontal_view"] == 5  # every fourth study's lateral
+    assert {name: len(split) for name, split in result.dataset.items()} == {"train": 16, "validation": 2, "test": 2}
+    prompts = result.dataset["train"]["prompt"]
+    assert all(p and "XXXX" not in p for p in prompts)  # IU-Xray's de-identification marks become MIMIC's "___"
+    assert {im.size for im in result.dataset["train"]["image"]} == {(32, 32)}
+
+
+def test_mimic_root_is_required_to_build_and_only_then(tmp_path):
+    cfg = config.resolve("paper", output_dir=str(tmp_path / "dataset"))  # 02-06 read the dataset, not MIMIC
+    with pytest.raises(mimic.MimicLayoutError, match="'mimic_root' is required to build a dataset"):
+        dataset.build_dataset(cfg)
 
 
 def test_mimic_missing_paths_are_named(tmp_path):

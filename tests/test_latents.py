@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from roentgen_lib import latents, models, pretrain
+from roentgen_lib import models, pretrain
+from roentgen_lib.train import latents
 
 
 @pytest.fixture

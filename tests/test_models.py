@@ -162,3 +162,7 @@ def test_models_sample_in_the_profiles_precision_on_a_gpu_and_in_float32_on_the_
     assert models.inference_dtype("bf16", cuda) == torch.bfloat16 and models.inference_dtype("fp16", cuda) == torch.float16
     assert models.inference_dtype("no", cuda) == models.inference_dtype("bf16", cpu) == torch.float32
     assert models.compute_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_vae_batches_shrink_with_image_size_so_activations_keep_their_size():
+    assert [models.vae_batch_size(side) for side in (32, 64, 128, 256, 512, 1024)] == [16, 16, 4, 1, 1, 1]

@@ -44,6 +44,20 @@ def test_each_process_gets_its_share_of_the_threads():
     assert alone["a"][2] == total
 
 
+def slot_after(seconds: float) -> int:
+    """A job that holds its slot for `seconds`, then names it."""
+    time.sleep(seconds)
+    return parallel.current_slot()
+
+
+def test_jobs_running_at_once_hold_different_slots_and_a_freed_slot_is_reused():
+    # slot k is the GPU a job is placed on (k mod the device count) when CUDA is present
+    jobs = {"long": (1.5,), "short": (0.2,), "next": (0.2,)}
+    slots = parallel.run_jobs(slot_after, jobs, processes=2, cost={"long": 3, "short": 2, "next": 1})
+    assert slots["long"] != slots["short"] and {slots["long"], slots["short"]} == {0, 1}
+    assert slots["next"] == slots["short"]  # started while "long" still held its slot
+
+
 def test_a_failure_is_raised_and_jobs_not_started_are_cancelled(tmp_path):
     jobs = {"fail": ("fail", str(tmp_path)), "later": ("later", str(tmp_path))}
     with pytest.raises(RuntimeError, match="job failed on purpose"):

@@ -114,10 +114,11 @@ def test_encoding_killed_midway_resumes_from_its_finished_shards(tiny_world, tmp
     import numpy as np
     import torch
 
-    from roentgen_lib import latents, models, pretrain
+    from roentgen_lib import models, pretrain
+    from roentgen_lib.train import latents
 
     folder = tmp_path / "shards"
-    code = ("from roentgen_lib import latents, models, pretrain; latents.SHARD_ROWS = 16; "
+    code = ("from roentgen_lib import models, pretrain; from roentgen_lib.train import latents; latents.SHARD_ROWS = 16; "
             f"base = models.load_base({tiny_world.base_model_path!r}); "
             "scenes = pretrain.general_scenes(160, 32, seed=0); "
             f"latents.encode_pairs(base, latents.list_source(*scenes), 32, False, {str(folder)!r}, progress=False)")
@@ -193,7 +194,7 @@ def test_synthetic_generation_killed_midway_resumes_to_the_same_dataset(tiny_wor
 
     import numpy as np
 
-    from roentgen_lib import synthetic
+    from roentgen_lib.sample import synthetic
 
     prompts = ["large left pleural effusion.", "no acute cardiopulmonary process.", "moderate cardiomegaly.",
                "small right pneumothorax.", "mild pulmonary edema."]
@@ -202,7 +203,7 @@ def test_synthetic_generation_killed_midway_resumes_to_the_same_dataset(tiny_wor
     straight = synthetic.generate_dataset(model, synthetic.list_prompts(prompts), tmp_path / "straight", settings, 2, 0,
                                           progress=False)
     target = tmp_path / "resumed"
-    code = ("from roentgen_lib import config, sample, synthetic; "
+    code = ("from roentgen_lib import config, sample; from roentgen_lib.sample import synthetic; "
             f"cfg = config.resolve('tiny', output_dir={tiny_world.output_dir!r}, base_model={tiny_world.base_model!r}); "
             f"synthetic.generate_dataset(sample.load_model(cfg, 'base'), synthetic.list_prompts({prompts!r}), "
             f"{str(target)!r}, sample.SamplingSettings(steps=2, batch_size=1), 2, 0, progress=False)")

@@ -7,7 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from roentgen_lib import config, sample, synthetic, train
+import torch
+
+from roentgen_lib import config, evaluate, experiments, parallel, sample, smoke, train
+from roentgen_lib.data import edit_cases
+from roentgen_lib.sample import synthetic
 from roentgen_lib.text.labels import label_report
 
 SETTINGS = sample.SamplingSettings(steps=3, batch_size=4)
@@ -59,7 +63,7 @@ def test_every_scheduler_samples(runs, scheduler):
 
 def test_edit_changes_more_at_higher_strength(runs):
     model = sample.load_model(runs, "full_unet")
-    case = sample.phantom_edit_cases(32, seed=0)[0]
+    case = edit_cases.phantom_edit_cases(32, seed=0)[0]
     weak, strong = (sample.edit(model, [case.image], [case.edit_prompt], [0], SETTINGS, strength=s)[0]
                     for s in (0.4, 1.0))
     change = sample.edit_identity(np.stack([case.image] * 2), np.stack([weak, strong]), [case.region] * 2)
@@ -67,7 +71,7 @@ def test_edit_changes_more_at_higher_strength(runs):
 
 
 def test_phantom_edit_regions_are_on_the_named_side():
-    for case in sample.phantom_edit_cases(64, seed=0):
+    for case in edit_cases.phantom_edit_cases(64, seed=0):
         half = case.region[:, :32].sum() > case.region[:, 32:].sum()  # patient's right is the image's left
         assert half == ("right" in case.edit_prompt or "pneumothorax" in case.source_prompt), case.edit_prompt
 
@@ -88,7 +92,7 @@ def test_edit_identity_measures_inside_and_outside():
 
 def test_inpainting_keeps_the_unmasked_pixels(runs):
     model = sample.load_model(runs, "full_unet")
-    image = sample.phantom_edit_cases(32, seed=0)[0].image
+    image = edit_cases.phantom_edit_cases(32, seed=0)[0].image
     mask = np.zeros((32, 32), bool)
     mask[8:24, 2:14] = True
     out = sample.inpaint(model, [image], [mask], ["large right pneumothorax"], [0], SETTINGS)[0]
@@ -100,7 +104,7 @@ def test_inpainting_keeps_the_unmasked_pixels(runs):
 
 def test_outpainting_extends_the_border(runs):
     model = sample.load_model(runs, "full_unet")
-    image = sample.phantom_edit_cases(32, seed=0)[1].image
+    image = edit_cases.phantom_edit_cases(32, seed=0)[1].image
     out, canvas = sample.outpaint(model, [image], ["no acute cardiopulmonary process"], [0], SETTINGS, scale=0.5)
     assert out.shape == canvas.shape == (1, 32, 32, 3)
     assert np.array_equal(out[0, 8:24, 8:24], canvas[0, 8:24, 8:24]) and out[0, :4].std() > 0
@@ -140,6 +144,31 @@ def test_synthetic_dataset_resumes_to_the_same_result(runs, tmp_path, monkeypatc
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(straight["image"], resumed["image"]))
     assert len(straight) == 2 * len(prompts) and straight[len(straight) - 1]["Pleural Effusion"] == 1.0
     assert json.loads(straight[len(straight) - 1]["intended"])["Pleural Effusion"]["laterality"] == "left"
+
+
+def test_two_processes_draw_the_dataset_and_tables_that_one_draws(runs, tmp_path):
+    cfg = dataclasses.replace(runs, evaluation_dir=str(tmp_path / "evaluation"), sampling_steps=2, sample_batch_size=4,
+                              eval_prompts=4, prompt_set_size=3, progress=False)
+    model = sample.load_model(cfg, "lora_unet")
+    threads = torch.get_num_threads()
+    try:  # one process, with the threads each of the two worker processes gets: then every batch is bitwise equal
+        (one, _), (alone, _) = (parallel.call_with_threads(function, max(1, threads // 2), 0, args) for function, args in (
+            (synthetic.generate_dataset, (model, synthetic.split_prompts(cfg, "test"), tmp_path / "one", SETTINGS, 2, 0, False)),
+            (experiments.evaluation_images, (dataclasses.replace(cfg, evaluation_dir=str(tmp_path / "alone")), model))))
+    finally:
+        torch.set_num_threads(threads)
+    two = synthetic.generate_dataset(model, synthetic.split_prompts(cfg, "test"), tmp_path / "two", SETTINGS, 2, 0,
+                                     progress=False, processes=2)
+    experiments.draw_evaluation_images(dataclasses.replace(cfg, num_processes=2), ["lora_unet"])
+    split = experiments.evaluation_images(cfg, model)  # drawn above by two processes, found finished
+    assert synthetic.read_manifest(tmp_path / "evaluation" / "images" / "lora_unet")["last_run"]["images_drawn"] == len(split)
+    for a, b in ((one, two), (alone, split)):
+        assert len(a) == len(b) > SETTINGS.batch_size and list(a["seed"]) == list(b["seed"])
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a["image"], b["image"]))
+        pd.testing.assert_frame_equal(synthetic.describe(a), synthetic.describe(b))
+        groups = list(a["source"])
+        pd.testing.assert_frame_equal(evaluate.diversity_table(np.stack([np.asarray(i) for i in a["image"]]), groups),
+                                      evaluate.diversity_table(np.stack([np.asarray(i) for i in b["image"]]), groups))
 
 
 def test_a_finished_synthetic_dataset_is_reused(runs, tmp_path, monkeypatch):
@@ -225,3 +254,13 @@ def test_split_prompts_are_capped_by_a_seeded_sample(tiny_world):
     assert list(synthetic.prompt_table(cfg).prompt) == list(table.prompt)  # the same sample every time
     everything = synthetic.prompt_table(dataclasses.replace(cfg, synthetic_split_prompts=None))
     assert everything.source.str.startswith("train:").sum() > 5
+
+
+def test_the_smoke_report_tabulates_each_run_and_renders_a_full_fine_tune_in_stock_diffusers(runs):
+    table = smoke.variant_table(runs).set_index("run")
+    assert list(table.index) == ["full_unet", "lora_unet"] and (table["s/step"] > 0).all()
+    assert table.loc["lora_unet", "trained weights M"] < table.loc["full_unet", "trained weights M"]
+    assert table.loc["full_unet", "EMA"] == str(runs.ema_decay)
+    render = smoke.stock_render(runs.models_path / "full_unet" / "pipeline", runs.image_size)
+    assert render["image_size"] == [runs.image_size, runs.image_size]
+    assert smoke.markdown(table.reset_index()).count("\n") == len(table) + 1

@@ -3,9 +3,6 @@
 import dataclasses
 import inspect
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -15,9 +12,9 @@ from diffusers import DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from roentgen_lib import checkpoints, config, denoising, latents, models, parallel, pretrain, sample, train
+from roentgen_lib import checkpoints, config, models, parallel, pretrain, sample, train
 from roentgen_lib.data import dataset
-from roentgen_lib.train import loop
+from roentgen_lib.train import latents, loop, loss
 
 
 def test_batch_indices_cover_an_epoch_and_split_across_processes():
@@ -255,25 +252,30 @@ def test_base_recipe_tracks_settings_and_version(monkeypatch):
     assert pretrain.recipe(cfg) != recipe
 
 
+@pytest.mark.skipif(not loop.PEAK_RESET.exists(), reason="resetting the peak resident set size needs Linux's clear_refs")
+def test_a_runs_peak_memory_is_its_own_not_its_processes(tiny_world, tmp_path):
+    ballast = np.ones(2**31, np.uint8)  # 2 GiB touched, then freed, before the run: a kernel that drew images
+    held = loop.peak_memory_mb(torch.device("cpu"))
+    del ballast
+    result = train.finetune(dataclasses.replace(tiny_world, models_dir=str(tmp_path), run_name="peak", max_steps=2,
+                                                resume=False))
+    assert 0 < result.peak_memory_mb < held - 1024
+
+
 def test_fused_adamw_only_where_torch_has_the_kernel():
     assert train.fused_adamw_available([torch.nn.Parameter(torch.zeros(2))])
     assert not train.fused_adamw_available([torch.nn.Parameter(torch.zeros(2, device="meta"))])
 
 
-def test_two_processes_train_and_checkpoint(tiny_world, tmp_path):
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    params = [f"output_dir={tiny_world.output_dir}", f"base_model={tiny_world.base_model}",
-              f"models_dir={tmp_path}", "run_name=ddp", "progress=False"]
-    # `accelerate launch --cpu --num_processes 2` goes through mpirun, which this machine lacks; the
-    # torchrun launcher with ACCELERATE_USE_CPU=1 gives the same two gloo processes (MULTI_CPU).
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-               "-m", "roentgen_lib.train", "--profile", "tiny"]
-    done = subprocess.run(command + [a for p in params for a in ("-p", p)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("saved ") == 1, done.stdout  # the main process reports the saved pipeline, once
-    assert f"saved {tmp_path / 'ddp' / 'pipeline'} " in done.stdout
+def test_two_processes_train_and_checkpoint(tiny_world, tmp_path, capfd, monkeypatch):
+    # `accelerate launch` over two gloo processes on the CPU, as a notebook asks with num_processes=2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = dataclasses.replace(tiny_world, models_dir=str(tmp_path), run_name="ddp", progress=False, num_processes=2)
+    result = train.launch(cfg)
+    out = capfd.readouterr().out
+    assert out.count("saved ") == 1, out  # the main process reports the saved pipeline, once
+    assert f"saved {tmp_path / 'ddp' / 'pipeline'} " in out and result.output_dir == tmp_path / "ddp" / "pipeline"
+    assert result.steps == tiny_world.max_steps and result.seconds_per_step > 0
     record = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert record["processes"] == 2
     assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "ddp")] == [6, 12]
@@ -297,10 +299,10 @@ def test_a_base_built_into_base_dir_leaves_the_profiles_base_alone_and_outlives_
 
 def test_uniform_timesteps_are_drawn_as_before_and_a_bias_favours_high_noise(tiny_world):
     uniform_cfg = dataclasses.replace(tiny_world, timestep_bias=1.0)
-    uniform = denoising.draw_timesteps(64, 1000, uniform_cfg, torch.Generator().manual_seed(3))
+    uniform = loss.draw_timesteps(64, 1000, uniform_cfg, torch.Generator().manual_seed(3))
     assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
     biased_cfg = dataclasses.replace(tiny_world, timestep_bias=8.0, timestep_bias_start=800)
-    biased = denoising.draw_timesteps(20000, 1000, biased_cfg, torch.Generator().manual_seed(3))
+    biased = loss.draw_timesteps(20000, 1000, biased_cfg, torch.Generator().manual_seed(3))
     assert 0 <= biased.min() and biased.max() < 1000
     assert abs((biased >= 800).float().mean().item() - 8 * 0.2 / (0.8 + 8 * 0.2)) < 0.02  # 2/3 instead of 1/5
 
@@ -316,10 +318,10 @@ def test_zero_terminal_snr_run_saves_the_schedule_its_sampler_starts_from(tiny_w
 
 def test_zero_terminal_snr_schedule_ends_at_pure_noise_and_needs_v_prediction(tiny_world):
     base_schedule = models.load_base(tiny_world.base_model_path).noise_scheduler
-    assert denoising.zero_terminal_snr_schedule(base_schedule).alphas_cumprod[-1] < 1e-6
+    assert loss.zero_terminal_snr_schedule(base_schedule).alphas_cumprod[-1] < 1e-6
     epsilon = DDPMScheduler.from_config(base_schedule.config, prediction_type="epsilon")
     with pytest.raises(ValueError, match="needs a v-prediction base"):
-        denoising.zero_terminal_snr_schedule(epsilon)
+        loss.zero_terminal_snr_schedule(epsilon)
 
 
 def test_runs_trained_side_by_side_match_a_run_trained_alone(tiny_world):
@@ -330,7 +332,7 @@ def test_runs_trained_side_by_side_match_a_run_trained_alone(tiny_world):
     assert train.logged_step(results["both"].run_dir) == tiny_world.max_steps
     threads = torch.get_num_threads()
     try:  # the same run in this process, with the share of threads each of the two processes had
-        alone, _ = parallel.call_with_threads(train.finetune, max(1, threads // 2),
+        alone, _ = parallel.call_with_threads(train.finetune, max(1, threads // 2), 0,
                                               (dataclasses.replace(configs["both"], run_name="alone_both"),))
     finally:
         torch.set_num_threads(threads)
@@ -360,10 +362,10 @@ def base_validation_loss(cfg, folder) -> float:
     """The held-out loss a fine-tune starts from: the base's, on the same fixed noise and timesteps."""
     base = models.load_base(cfg.base_model_path)
     if cfg.zero_terminal_snr:
-        base.noise_scheduler = denoising.zero_terminal_snr_schedule(base.noise_scheduler)
+        base.noise_scheduler = loss.zero_terminal_snr_schedule(base.noise_scheduler)
     data, key = dataset.load(cfg)["validation"], dataset.read_manifest(cfg.dataset_path)["fingerprint"]
     pairs = latents.encode_pairs(base, latents.dataset_source(data, key), cfg.image_size, True, folder, progress=False)
-    return denoising.validation_loss(base, pairs, cfg, torch.device("cpu"))
+    return loss.validation_loss(base, pairs, cfg, torch.device("cpu"))
 
 
 def test_fine_tuning_lowers_the_held_out_loss(tiny_world, tmp_path, record_property):

@@ -115,8 +115,8 @@ def plan_phantom(cfg: Config) -> tuple[list[dict], Counter]:
 
 def plan_mimic(cfg: Config) -> tuple[list[dict], Counter]:
     """One row per frontal MIMIC-CXR image with an official split (a seeded sample of n_images)."""
-    mimic.check_layout(cfg.mimic_root, cfg.reports_root)
-    rows, skipped = mimic.plan_rows(mimic.read_studies(cfg.mimic_root), cfg.n_images, cfg.seed)
+    mimic.check_layout(cfg.mimic_path, cfg.reports_root)
+    rows, skipped = mimic.plan_rows(mimic.read_studies(cfg.mimic_path), cfg.n_images, cfg.seed)
     return rows.to_dict("records"), Counter(skipped)
 
 
@@ -163,7 +163,7 @@ def build_shard(cfg: Config, rows: list[dict], target: Path) -> None:
     if cfg.data_source == "phantom":
         records = phantom_records(rows, cfg.image_size, cfg.seed)
     else:
-        records = mimic_records(rows, cfg.image_size, str(cfg.mimic_root), str(cfg.reports_root), skipped)
+        records = mimic_records(rows, cfg.image_size, str(cfg.mimic_path), str(cfg.reports_root), skipped)
     work = temporary_sibling(target)
     try:
         with library_progress_bars(False):

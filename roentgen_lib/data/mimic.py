@@ -31,8 +31,15 @@ class MimicLayoutError(FileNotFoundError):
     """A MIMIC-CXR path is missing or not laid out as expected; the message names the path."""
 
 
-def check_layout(mimic_root: str | Path, reports_root: str | Path) -> None:
-    """Fail before any work when a root folder or a metadata file is missing."""
+def check_layout(mimic_root: str | Path | None, reports_root: str | Path | None) -> None:
+    """Fail before any work when a root folder or a metadata file is missing.
+
+    Only building the dataset (01) reads MIMIC-CXR, so only it needs `mimic_root`; later notebooks of the
+    paper profile read the dataset it built.
+    """
+    if not mimic_root:
+        raise MimicLayoutError("parameter 'mimic_root' is required to build a dataset from data_source='mimic': "
+                               "the folder holding files/ and mimic-cxr-2.0.0-metadata.csv.gz")
     for name, root in (("mimic_root", mimic_root), ("mimic_reports_root", reports_root)):
         if not Path(root).is_dir():
             raise MimicLayoutError(f"{name}={str(root)!r} is not a folder; point it at your MIMIC-CXR-JPG copy")

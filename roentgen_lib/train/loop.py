@@ -8,6 +8,7 @@ the data it would have.
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import time
@@ -29,12 +30,13 @@ from roentgen_lib.checkpoints import write_checkpoint
 from roentgen_lib.config import Config
 from roentgen_lib.data.dataset import load as load_dataset
 from roentgen_lib.data.dataset import read_manifest
-from roentgen_lib.denoising import CAPTION_DROPOUT, diffusion_loss, validation_loss, zero_terminal_snr_schedule, step_generator
 from roentgen_lib.files import replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
-from roentgen_lib.latents import CACHE_FOLDER, Batch, PairSource, Pairs, dataset_source, encode_pairs
-from roentgen_lib.models import Base, ProjectedTextEncoder, load_base, sample_grid, save_base, weights_fingerprint
+from roentgen_lib.models import (Base, ProjectedTextEncoder, compute_device, load_base, sample_grid, save_base,
+                                 training_precision, weights_fingerprint)
 from roentgen_lib.progress import library_progress_bars
 from roentgen_lib.text.labels import OBSERVATIONS
+from roentgen_lib.train.latents import CACHE_FOLDER, Batch, PairSource, Pairs, dataset_source, encode_pairs
+from roentgen_lib.train.loss import CAPTION_DROPOUT, diffusion_loss, validation_loss, zero_terminal_snr_schedule, step_generator
 from roentgen_lib.train.resume import (RunLog, inputs_fingerprint, reason_to_set_aside, recorded_seconds_per_step, restore,
                                        set_aside, trained_state)
 
@@ -45,6 +47,9 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps")  # where torch has AdamW's fused ke
 # the demo VAE's 64 x 64 activations stay in the caches at 16: per image, encoding takes 3.1 ms and
 # encoding + decoding 10.5 ms, against 4.9 and 20.1 ms in batches of 64. Batches of 8-32 give the same
 # outputs; a last, smaller batch may round differently.
+
+PEAK_RESET = Path("/proc/self/clear_refs")
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -57,6 +62,7 @@ class TrainResult:
     seconds_per_step: float
     images_per_second: float
     peak_memory_mb: float
+    trainable_parameters: int = 0  # what the optimizer (and an EMA) hold state for
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: int, targets: str) -> None:
     """Freeze `model` and attach trainable LoRA adapters (peft) to the named modules."""
@@ -200,10 +206,25 @@ def sorted_sets(metadata: dict[str, dict]) -> dict[str, dict]:
     return {key: {name: sorted(value) if isinstance(value, set) else value for name, value in config.items()}
             for key, config in metadata.items()}
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a run's peak memory afresh, so it does not report what its process held before (a notebook kernel
+    that drew images, a worker that trained another run): on Linux, writing 5 to clear_refs resets VmHWM."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif PEAK_RESET.exists():
+        try:
+            PEAK_RESET.write_text("5")
+        except OSError:  # not permitted: the peak then covers the whole process
+            pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."""
+    """Peak memory since `reset_peak_memory`: CUDA allocations on a GPU, resident set size (VmHWM) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM")) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 def train_model(cfg: Config, train_data: PairSource, val_data: PairSource, base_path: str | None = None,
@@ -222,9 +243,10 @@ def run_training(cfg: Config, train_data: PairSource, val_data: PairSource, base
                  run_dir: Path | None, rows: np.ndarray | None = None) -> TrainResult:
     """The training loop behind `train_model`."""
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation,
-                              mixed_precision=cfg.mixed_precision)
+                              mixed_precision=training_precision(cfg.mixed_precision, compute_device()))
     main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
                                  accelerator.num_processes, accelerator.device)
+    reset_peak_memory(device)
     run_dir = run_dir or cfg.run_path
     base = load_base(base_path or cfg.base_model_path, cfg.text_encoder, seed=cfg.seed)
     base_weights = weights_fingerprint(base.vae, base.unet, base.text_encoder)
@@ -304,7 +326,7 @@ def run_training(cfg: Config, train_data: PairSource, val_data: PairSource, base
     output = save_outputs(base, models, cfg, run_dir) if main else run_dir
     result = TrainResult(run_dir=run_dir, output_dir=output, log=run_dir / "log.csv", steps=cfg.max_steps,
                          seconds_per_step=seconds_per_step, images_per_second=images_per_step / seconds_per_step,
-                         peak_memory_mb=peak_memory_mb(device))
+                         peak_memory_mb=peak_memory_mb(device), trainable_parameters=sum(p.numel() for p in params))
     if main:
         write_json_atomic(run_dir / "run.json", {"config": cfg.to_dict(), "base_model": base_path or cfg.base_model_path,
                                                  "processes": world, **{k: str(v) if isinstance(v, Path) else v
@@ -320,7 +342,7 @@ def validate(base: Base, models, val: Pairs, cfg: Config, device, run_dir: Path,
     loss = validation_loss(base, val, cfg, device)
     if log is not None:
         log.add(step, "validation", loss=loss)
-    if log is not None and cfg.prompts_for_validation:
+    if log is not None and cfg.validation_images and cfg.prompts_for_validation:
         pipe = base.pipeline()
         pipe.set_progress_bar_config(disable=True)
         grid = np.concatenate(list(sample_grid(pipe, cfg.prompts_for_validation, cfg.seed)), axis=1)
@@ -351,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m roentgen_lib.train", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="demo", choices=config.PROFILE_NAMES)
     parser.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--config", type=Path, default=None, help="a whole config as JSON (what `train.launch` passes)")
     args = parser.parse_args(argv)
-    result = finetune(config.resolve(args.profile, **config.parse_overrides(args.params)))
+    if args.config is not None:
+        cfg = config.Config(**json.loads(args.config.read_text()))
+    else:
+        cfg = config.resolve(args.profile, **config.parse_overrides(args.params))
+    result = finetune(cfg)
     if PartialState().is_main_process:  # under `accelerate launch`, only the main process saves the outputs
         print(f"saved {result.output_dir} ({result.images_per_second:.0f} images/s)")
     return 0

@@ -22,7 +22,7 @@ import torch
 from roentgen_lib.checkpoints import latest_checkpoint, load_state, read_checkpoint
 from roentgen_lib.config import EVALUATION_FIELDS, SAMPLING_FIELDS, Config
 from roentgen_lib.files import write_file_atomic
-from roentgen_lib.latents import Pairs
+from roentgen_lib.train.latents import Pairs
 
 
 def trained_state(models: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,17 +1,60 @@
-"""03's component variants: one full fine-tune per variant, trained side by side in worker processes."""
+"""Launching runs: one run over `num_processes` processes (GPUs), and 03's component variants side by side."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from roentgen_lib.config import VARIANTS, Config
+from roentgen_lib.models import compute_device, training_precision
 from roentgen_lib.parallel import run_jobs
 from roentgen_lib.train.loop import TrainResult, finetune
 from roentgen_lib.train.resume import logged_step
+
+
+def launch(cfg: Config) -> TrainResult:
+    """Fine-tune one run: in this process, or data-parallel over `cfg.num_processes` processes through
+    `accelerate launch` (one per GPU; gloo processes on a CPU), as a notebook or the runner asks for."""
+    if cfg.num_processes == 1:
+        return finetune(cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        settings = Path(folder) / "config.json"
+        settings.write_text(json.dumps(cfg.to_dict()))
+        env = {**os.environ, **({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"})}
+        subprocess.run(launch_command(cfg, settings), check=True, env=env)
+    return read_result(cfg.run_path)
+
+
+def launch_command(cfg: Config, settings: Path) -> list[str]:
+    """`accelerate launch -m roentgen_lib.train --config settings` over `cfg.num_processes` processes.
+
+    The torchrun launcher (`--multi_gpu`) serves GPUs and, with ACCELERATE_USE_CPU=1, CPU processes too;
+    accelerate's own CPU launcher needs mpirun.
+    """
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(cfg.num_processes),
+            "--num_machines", "1", "--mixed_precision", training_precision(cfg.mixed_precision, compute_device()), "--dynamo_backend", "no",
+            "--main_process_port", str(port), "-m", "roentgen_lib.train", "--config", str(settings)]
+
+
+def read_result(run_dir: Path) -> TrainResult:
+    """The result a finished run recorded in its run.json."""
+    record = json.loads((run_dir / "run.json").read_text())
+    return TrainResult(**{field.name: Path(record[field.name]) if field.type == "Path" else record[field.name]
+                          for field in dataclasses.fields(TrainResult) if field.name in record})
 
 
 def variant_configs(cfg: Config) -> dict[str, Config]:
@@ -32,18 +75,21 @@ def variant_configs(cfg: Config) -> dict[str, Config]:
     return configs
 
 def train_runs(configs: dict[str, Config], processes: int = 1) -> dict[str, TrainResult]:
-    """Fine-tune several runs, `processes` at a time, each in its own process (see `parallel`).
+    """Fine-tune several runs, `processes` at a time, each in its own process (and on its own GPU where
+    there are several; see `parallel`). Runs spread over several processes themselves go one at a time.
 
     The runs training the most (steps x components) start first. Each run's progress bar follows the
     steps its log records. Results come back in the order of `configs`.
     """
+    if any(cfg.num_processes > 1 for cfg in configs.values()):
+        processes = 1
     bars = {name: tqdm(total=cfg.max_steps, desc=f"train {cfg.run_path.name}", disable=not cfg.progress)
             for name, cfg in configs.items()}
     jobs = {name: (dataclasses.replace(cfg, progress=False),) for name, cfg in configs.items()}
     started = time.time()
     try:
-        return run_jobs(finetune, jobs, processes, cost={name: training_cost(cfg) for name, cfg in configs.items()},
-                        follow=functools.partial(follow_logs, configs, bars, started))
+        return run_jobs(launch, jobs, processes, cost={name: training_cost(cfg) for name, cfg in configs.items()},
+                        follow=functools.partial(follow_logs, configs, bars, started), fresh=True)
     finally:
         for bar in bars.values():
             bar.close()

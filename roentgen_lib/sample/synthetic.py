@@ -11,6 +11,10 @@ output, each batch file atomically; an interrupted run keeps its finished batche
 draws only the rest, giving the same dataset bit for bit. The finished dataset replaces the output
 folder atomically.
 
+Generation is split by rank: with `processes=N` (one per GPU where there are GPUs), or under
+`accelerate launch` / `torchrun`, rank r draws batches r, r+N, r+2N, ... into the shared parts folder.
+The batches are the same whoever draws them, so N processes give the dataset one process gives.
+
 Usage::
 
     prompts = prompt_table(cfg)                                   # cfg.synthetic_prompts sources
@@ -30,6 +34,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import PartialState
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -38,7 +43,8 @@ from roentgen_lib.config import Config, project_path
 from roentgen_lib.data.dataset import load as load_real
 from roentgen_lib.files import plan_folder, replace_dir, temporary_sibling, write_file_atomic, write_json_atomic
 from roentgen_lib.progress import library_progress_bars
-from roentgen_lib.sample import Model, SamplingError, SamplingSettings, generate, grey
+from roentgen_lib.parallel import run_jobs
+from roentgen_lib.sample.pipelines import Model, SamplingError, SamplingSettings, generate, grey, load_model
 from roentgen_lib.text.compose import NORMAL_PROMPT, compose_prompt, finding_specs
 from roentgen_lib.text.labels import OBSERVATIONS, label_report, label_vector
 
@@ -97,7 +103,7 @@ def prompt_table(cfg: Config) -> pd.DataFrame:
     tables = []
     for source in (s.strip() for s in cfg.synthetic_prompts.split(",") if s.strip()):
         if source == "specs":
-            tables.append(spec_prompts(finding_specs()))
+            tables.append(spec_prompts(cfg.limit(finding_specs())))
         elif source.endswith(".csv"):
             tables.append(csv_prompts(source))
         else:
@@ -124,13 +130,16 @@ def plan_fingerprint(jobs: pd.DataFrame, model: Model, settings: SamplingSetting
     return digest.hexdigest()
 
 
-def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, parts: Path, progress: bool) -> dict:
-    """Draw every batch not yet on disk (each batch file written atomically); return images drawn and seconds."""
-    starts = range(0, len(jobs), settings.batch_size)
+def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, parts: Path, progress: bool,
+                 rank: int = 0, world: int = 1) -> dict:
+    """Draw every batch of share `rank` of `world` not yet on disk (each batch file written atomically);
+    return images drawn and seconds."""
+    starts = range(0, len(jobs), settings.batch_size)[rank::world]
     todo = [s for s in starts if not (parts / f"batch-{s:08d}.safetensors").is_file()]
     started, drawn = time.perf_counter(), 0
     remaining = sum(min(settings.batch_size, len(jobs) - s) for s in todo)
-    with tqdm(total=len(jobs), initial=len(jobs) - remaining,
+    share = sum(min(settings.batch_size, len(jobs) - s) for s in starts)
+    with tqdm(total=share, initial=share - remaining,
               desc="synthetic images", unit="img", disable=not progress) as bar:
         for start in todo:
             batch = jobs.iloc[start : start + settings.batch_size]
@@ -140,6 +149,29 @@ def draw_batches(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, p
             bar.update(len(batch))
             drawn += len(batch)
     return {"images_drawn": drawn, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def draw_share(load_args: tuple, jobs: pd.DataFrame, settings: SamplingSettings, parts: Path, rank: int,
+               world: int) -> int:
+    """A worker process's job: load the model again (`load_model(*load_args)`) and draw share `rank` of `world`."""
+    with library_progress_bars(False):
+        return draw_batches(load_model(*load_args), jobs, settings, parts, False, rank, world)["images_drawn"]
+
+
+def draw_in_processes(model: Model, jobs: pd.DataFrame, settings: SamplingSettings, parts: Path, progress: bool,
+                      processes: int) -> dict:
+    """Draw the missing batches: in `processes` worker processes (a GPU each where there are GPUs), or, with
+    one, in this process, which draws its rank's share when launched as one of several (accelerate, torchrun)."""
+    if processes == 1 or model.load_args is None:
+        state = PartialState()
+        timing = draw_batches(model, jobs, settings, parts, progress, state.process_index, state.num_processes)
+        state.wait_for_everyone()
+        return timing
+    started = time.perf_counter()
+    shares = {f"{model.name} {r + 1}/{processes}": (model.load_args, jobs, settings, parts, r, processes)
+              for r in range(processes)}
+    drawn = run_jobs(draw_share, shares, processes, desc=f"synthetic images ({model.name})" if progress else None)
+    return {"images_drawn": sum(drawn.values()), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def synthetic_records(jobs: pd.DataFrame, parts: str, fixed: dict, batch_size: int):
@@ -154,8 +186,9 @@ def synthetic_records(jobs: pd.DataFrame, parts: str, fixed: dict, batch_size: i
 
 
 def generate_dataset(model: Model, prompts: pd.DataFrame, out: Path, settings: SamplingSettings,
-                     images_per_prompt: int, seed: int, progress: bool = True) -> datasets.Dataset:
-    """Draw `images_per_prompt` images per prompt row and save them as a dataset at `out` (resumable).
+                     images_per_prompt: int, seed: int, progress: bool = True, processes: int = 1) -> datasets.Dataset:
+    """Draw `images_per_prompt` images per prompt row and save them as a dataset at `out` (resumable), the
+    batches split over `processes` worker processes (or over the ranks of a distributed launch).
 
     An existing dataset at `out` made by the same plan is returned as is.
     """
@@ -164,8 +197,20 @@ def generate_dataset(model: Model, prompts: pd.DataFrame, out: Path, settings: S
     fingerprint = plan_fingerprint(jobs, model, settings)
     if (out / MANIFEST).is_file() and json.loads((out / MANIFEST).read_text()).get("fingerprint") == fingerprint:
         return datasets.load_from_disk(str(out))
-    parts = plan_folder(out, fingerprint, "unfinished synthetic images")
-    timing = draw_batches(model, jobs, settings, parts, progress)
+    state = PartialState()
+    with state.main_process_first():  # one rank checks the parts folder against the plan, then the others find it
+        parts = plan_folder(out, fingerprint, "unfinished synthetic images")
+    timing = draw_in_processes(model, jobs, settings, parts, progress, processes)
+    if state.is_main_process:
+        assemble(jobs, parts, out, model, settings, progress, {"fingerprint": fingerprint, "seed": seed, "last_run": timing,
+                                                                "images_per_prompt": images_per_prompt})
+    state.wait_for_everyone()
+    return datasets.load_from_disk(str(out))
+
+
+def assemble(jobs: pd.DataFrame, parts: Path, out: Path, model: Model, settings: SamplingSettings, progress: bool,
+             record: dict) -> None:
+    """Turn the finished batches into the dataset at `out` (atomically) and remove them."""
     fixed = {"model": model.name, "model_fingerprint": model.fingerprint, "scheduler": settings.scheduler,
              "steps": settings.steps, "guidance_scale": settings.guidance_scale, "negative_prompt": settings.negative_prompt}
     work = temporary_sibling(out)
@@ -176,15 +221,13 @@ def generate_dataset(model: Model, prompts: pd.DataFrame, out: Path, settings: S
                 gen_kwargs={"jobs": jobs, "parts": str(parts), "fixed": fixed, "batch_size": settings.batch_size})
             data.save_to_disk(str(work / "dataset"))
         write_json_atomic(work / "dataset" / MANIFEST, {
-            "fingerprint": fingerprint, "rows": len(jobs), "model": model.name, "model_source": model.source,
+            **record, "rows": len(jobs), "model": model.name, "model_source": model.source,
             "model_fingerprint": model.fingerprint, "settings": dataclasses.asdict(settings),
-            "images_per_prompt": images_per_prompt, "seed": seed, "last_run": timing,
             "sources": jobs.source.str.split(":").str[0].value_counts().to_dict()})
         replace_dir(work / "dataset", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(parts)
-    return datasets.load_from_disk(str(out))
 
 
 def load(out: Path) -> datasets.Dataset:

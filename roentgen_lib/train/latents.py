@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from roentgen_lib.files import write_file_atomic
-from roentgen_lib.models import VAE_BATCH_SIZE, Base, images_to_tensor, weights_fingerprint
+from roentgen_lib.models import Base, images_to_tensor, vae_batch_size, weights_fingerprint
 
 # Rows per shard: a multiple of every encoding batch (VAE_BATCH_SIZE, TEXT_BATCH_SIZE), so cutting the
 # pairs into shards never changes which rows are encoded together, nor their float rounding.
@@ -153,9 +153,9 @@ def encode_text(text_encoder, input_ids: torch.Tensor, batch_size: int = TEXT_BA
 
 
 @torch.no_grad()
-def encode_images(vae, images: list[Image.Image], size: int, batch_size: int = VAE_BATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of the VAE's latent distribution for each image."""
-    device = next(vae.parameters()).device
+def encode_images(vae, images: list[Image.Image], size: int, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the VAE's latent distribution for each image (`vae_batch_size` at a time)."""
+    device, batch_size = next(vae.parameters()).device, batch_size or vae_batch_size(size)
     means, stds = [], []
     for i in range(0, len(images), batch_size):
         dist = vae.encode(images_to_tensor(images[i : i + batch_size], size).to(device=device, dtype=vae.dtype)).latent_dist

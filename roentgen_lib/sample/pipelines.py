@@ -1,16 +1,10 @@
-"""Sample from the base or a fine-tuned model: text-to-image, counterfactual edits, inpainting and
-outpainting. Synthetic datasets are built on top of this in `synthetic`.
+"""Load a base or a fine-tuned model and draw from it: text-to-image with seeded, fixed batches.
 
 Every image is drawn from its own seeded generator, so a (model, prompt, seed, settings) tuple names
-one image. Bad input (an empty prompt, an unknown scheduler, a missing run folder, a mask of the
-wrong size) raises `SamplingError` naming the problem before diffusers is called; a prompt longer
-than the text encoder's context warns and shows the part that is dropped.
-
-Usage::
-
-    cfg = config.resolve("demo")
-    model = load_model(cfg, "full_unet_te")            # "base", "lora_unet", ... (see available_models)
-    images = generate(model, ["large left pleural effusion"], [0], SamplingSettings.from_config(cfg))
+one image. Bad input (an empty prompt, an unknown scheduler, a missing run folder) raises
+`SamplingError` naming the problem before diffusers is called; a prompt longer than the text
+encoder's context warns and shows the part that is dropped. Models load onto the accelerator when
+there is one, in the profile's mixed precision.
 """
 
 from __future__ import annotations
@@ -31,20 +25,14 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
-from scipy import ndimage
 from transformers.utils import logging as transformers_logging
 
 from roentgen_lib.config import Config, did_you_mean, relative
-from roentgen_lib.data.masks import LEFT_LUNG, RIGHT_LUNG, load_lung_masks
-from roentgen_lib.data.phantom import render, render_size
 from roentgen_lib.models import compute_device, generate_images, inference_dtype, load_pipeline, weights_fingerprint
-from roentgen_lib.text.labels import label_report
 from roentgen_lib.text.tokenizer import truncated_part
 
 SCHEDULERS = {"dpmsolver++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
@@ -83,6 +71,7 @@ class Model:
     pipe: StableDiffusionPipeline
     fingerprint: str  # SHA-256 of every weight (and the LoRA scale): same fingerprint, same images
     source: str
+    load_args: tuple | None = None  # `load_model(*load_args)` loads it again (in a worker process); None: built in memory
 
 
 def available_models(cfg: Config) -> dict[str, Path]:
@@ -125,7 +114,7 @@ def load_model(cfg: Config, name: str = "base", lora_scale: float | None = None)
     device = compute_device()
     pipe = load_pipeline(cfg.base_model_path, finetuned, scale, device, inference_dtype(cfg.mixed_precision, device))
     is_lora = finetuned is not None and finetuned.name == "lora"
-    return Model(name, pipe, model_fingerprint(pipe, scale if is_lora else 1.0), relative(models[name]))
+    return Model(name, pipe, model_fingerprint(pipe, scale if is_lora else 1.0), relative(models[name]), (cfg, name, scale))
 
 
 def use_scheduler(pipe, name: str) -> None:
@@ -200,10 +189,11 @@ def pipeline_as(kind: type, pipe: StableDiffusionPipeline):
     return other
 
 
-def compare_models(models: dict[str, Model], prompts: list[str], seeds: list[int],
+def compare_models(cfg: Config, names: list[str], prompts: list[str], seeds: list[int],
                    settings: SamplingSettings) -> dict[str, np.ndarray]:
-    """The same prompts and seeds through each model: what fine-tuning changed, image for image."""
-    return {name: generate(model, prompts, seeds, settings) for name, model in models.items()}
+    """The same prompts and seeds through each named model, loaded one at a time so that memory holds one
+    model (five 512 px models in fp32 would take 21 GB): what fine-tuning changed, image for image."""
+    return {name: generate(load_model(cfg, name), prompts, seeds, settings) for name in names}
 
 
 def sweep(model: Model, prompts: list[str], seeds: list[int], settings: SamplingSettings, field: str,
@@ -222,128 +212,6 @@ def model_table(cfg: Config) -> pd.DataFrame:
 def as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     return (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB")
 
-
-def edit(model: Model, images: list, prompts: list[str], seeds: list[int], settings: SamplingSettings,
-         strength: float = 0.7) -> np.ndarray:
-    """Counterfactual edit (image-to-image): re-draw each image towards its prompt.
-
-    `strength` is how far back into the noise the image is pushed before re-drawing: 0 returns it,
-    1 ignores it. Only `strength * steps` denoising steps run.
-    """
-    if not 0.0 < strength <= 1.0:
-        raise SamplingError(f"strength must be in (0, 1], got {strength}")
-    if int(settings.steps * strength) < 1:
-        raise SamplingError(f"strength {strength} x {settings.steps} steps leaves no denoising step; "
-                            "raise strength or steps")
-    if len(images) != len(prompts):
-        raise SamplingError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
-    pipe = pipeline_as(StableDiffusionImg2ImgPipeline, model.pipe)
-    return run_pipeline(pipe, model, prompts, seeds, settings, image=[as_rgb(im) for im in images], strength=strength)
-
-
-def check_mask(mask: np.ndarray, image: Image.Image, k: int) -> np.ndarray:
-    """A binary mask (True = redraw) the size of its image, or a SamplingError saying what differs."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.shape != (image.height, image.width):
-        raise SamplingError(f"mask {k} has shape {mask.shape} but its image is {image.height}x{image.width}; "
-                            "give a 2-D mask of the image's size (True or 255 where to redraw)")
-    return mask > (127 if mask.dtype == np.uint8 else 0.5)
-
-
-def inpaint(model: Model, images: list, masks: list[np.ndarray], prompts: list[str], seeds: list[int],
-            settings: SamplingSettings, keep_outside: bool = True) -> np.ndarray:
-    """Redraw the masked region of each image from its prompt (the model need not be an inpainting model).
-
-    The U-Net has 4 input channels, so diffusers blends: at every step the unmasked latents are
-    reset to the (noised) original, and only the masked region is generated. Outside the mask the
-    VAE's reconstruction would blur the original slightly; `keep_outside` pastes the original back.
-    """
-    if not len(images) == len(masks) == len(prompts):
-        raise SamplingError(f"got {len(images)} images, {len(masks)} masks and {len(prompts)} prompts; "
-                            "give one mask and one prompt per image")
-    rgb = [as_rgb(im) for im in images]
-    binary = [check_mask(m, im, k) for k, (m, im) in enumerate(zip(masks, rgb))]
-    pipe = pipeline_as(StableDiffusionInpaintPipeline, model.pipe)
-    size = rgb[0].height
-    out = run_pipeline(pipe, model, prompts, seeds, settings, image=rgb,
-                       mask_image=[Image.fromarray(b.astype(np.uint8) * 255) for b in binary],
-                       strength=1.0, height=size, width=size)
-    if keep_outside:
-        out = np.stack([np.where(b[..., None], o, np.asarray(im)) for o, b, im in zip(out, binary, rgb)])
-    return out
-
-
-def outpaint_canvas(image: Image.Image | np.ndarray, scale: float) -> tuple[Image.Image, np.ndarray]:
-    """Shrink an image to `scale` of its side, centred on a canvas of the original size; mask = the border."""
-    if not 0.2 <= scale < 1.0:
-        raise SamplingError(f"scale must be in [0.2, 1), got {scale}")
-    rgb = as_rgb(image)
-    inner = max(8, round(rgb.width * scale))
-    offset = (rgb.width - inner) // 2
-    fill = tuple(int(v) for v in np.asarray(rgb).reshape(-1, 3).mean(axis=0))
-    canvas = Image.new("RGB", rgb.size, fill)
-    canvas.paste(rgb.resize((inner, inner), Image.Resampling.LANCZOS), (offset, offset))
-    mask = np.ones((rgb.height, rgb.width), bool)
-    mask[offset : offset + inner, offset : offset + inner] = False
-    return canvas, mask
-
-
-def outpaint(model: Model, images: list, prompts: list[str], seeds: list[int], settings: SamplingSettings,
-             scale: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
-    """Extend each image beyond its borders: shrink it into the centre, then inpaint the border.
-
-    Returns the outpainted images and the canvases they started from (uint8, N x H x W x 3).
-    """
-    canvases, masks = zip(*(outpaint_canvas(im, scale) for im in images))
-    out = inpaint(model, list(canvases), list(masks), prompts, seeds, settings)
-    return out, np.stack([np.asarray(c) for c in canvases])
-
-
-@dataclass
-class EditCase:
-    """A phantom radiograph, the lung region an edit is meant to change, and the two prompts."""
-
-    image: np.ndarray  # uint8 (H, W)
-    region: np.ndarray  # bool (H, W): the hemithorax the edit names
-    source_prompt: str
-    edit_prompt: str
-
-
-EDIT_CASES = (  # (what the phantom shows, what the edit asks for, the side it concerns)
-    ("no acute cardiopulmonary process.", "large right pneumothorax.", "right"),
-    ("no acute cardiopulmonary process.", "large left pleural effusion.", "left"),
-    ("large left pleural effusion.", "no pleural effusion. no acute cardiopulmonary process.", "left"),
-    ("large right pneumothorax.", "no pneumothorax. no acute cardiopulmonary process.", "right"),
-)
-
-
-def phantom_edit_cases(size: int, seed: int, cases: tuple = EDIT_CASES) -> list[EditCase]:
-    """Phantoms rendered from each case's source prompt, with the named side's lung (dilated) as region."""
-    masks = load_lung_masks(render_size(size))
-    factor = render_size(size) // size
-    out = []
-    for k, (source, target, side) in enumerate(cases):
-        rng = np.random.default_rng([seed, 7, k])
-        mask = masks[rng.integers(len(masks))]
-        image, _ = render(label_report(source), mask, rng, size)
-        lung = (mask == (RIGHT_LUNG if side == "right" else LEFT_LUNG))[::factor, ::factor]
-        out.append(EditCase(image, ndimage.binary_dilation(lung, iterations=max(1, size // 16)), source, target))
-    return out
-
-
-def edit_identity(originals: np.ndarray, edited: np.ndarray, regions: list[np.ndarray]) -> pd.DataFrame:
-    """How much each edit changed the image inside the edited region and outside it (grey levels).
-
-    A good counterfactual edit changes the named region and keeps the patient elsewhere: outside
-    change small next to inside change.
-    """
-    rows = []
-    for original, new, region in zip(originals, edited, regions):
-        diff = np.abs(grey(new).astype(float) - grey(original).astype(float))
-        rows.append({"MAE inside region": round(float(diff[region].mean()), 2),
-                     "MAE outside region": round(float(diff[~region].mean()), 2),
-                     "outside / inside": round(float(diff[~region].mean() / max(diff[region].mean(), 1e-9)), 3)})
-    return pd.DataFrame(rows)
 
 
 def grey(image: np.ndarray) -> np.ndarray:

@@ -15,8 +15,8 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from roentgen_lib.config import Config
-from roentgen_lib.latents import Batch, Pairs
 from roentgen_lib.models import Base
+from roentgen_lib.train.latents import Batch, Pairs
 
 CAPTION_DROPOUT = 0.1  # share of prompts replaced by "" so classifier-free guidance works
 VALIDATION_SEED = 12345
